@@ -1,0 +1,286 @@
+"""Load and save RepVGG checkpoints.
+
+Our own format is one safetensors file whose header metadata carries a JSON :class:`ModelMeta`
+(variant, block type, classes, input spec, train-time or fused). Foreign checkpoints in the
+official RepVGG, timm or MMPretrain key layouts (``.pth``/``.pt``/``.safetensors``, train-time or
+deploy, wrapped in ``state_dict``/``model``/``module.`` or not) are recognized by their keys, renamed
+to the official layout (which is ours) and their variant is read off the tensor shapes.
+
+Pickles are only ever read with ``torch.load(..., weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgerepvgg.data import InputSpec
+from edgerepvgg.errors import UserError
+from edgerepvgg.io import atomic_path
+from edgerepvgg.models import VARIANTS, RepVGG, create_model
+
+log = logging.getLogger(__name__)
+
+FORMAT = "edgerepvgg"
+FORMAT_VERSION = 1
+BUNDLED_DIR = Path(__file__).parent / "weights"
+BUNDLED = {"repvgg-a0-fmnist": "repvgg_a0_fmnist.safetensors", "qarepvgg-a0-fmnist": "qarepvgg_a0_fmnist.safetensors"}
+DEFAULT_MODEL = "repvgg-a0-fmnist"
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a checkpoint is: enough to rebuild the module and preprocess its inputs."""
+
+    variant: str
+    block: str = "repvgg"
+    num_classes: int = 1000
+    in_chans: int = 3
+    fused: bool = False
+    input_spec: InputSpec = field(default_factory=InputSpec)
+    extra: dict = field(default_factory=dict)  # provenance: accuracy, training command, source layout
+
+    def to_json(self) -> str:
+        d = {"format": FORMAT, "version": FORMAT_VERSION, "variant": self.variant, "block": self.block,
+             "num_classes": self.num_classes, "in_chans": self.in_chans, "fused": self.fused,
+             "input_spec": self.input_spec.to_dict(), "extra": self.extra}  # fmt: skip
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelMeta":
+        d = json.loads(text)
+        if d.get("format") != FORMAT:
+            raise ValueError("not an edgerepvgg metadata block")
+        if d.get("version", 0) > FORMAT_VERSION:
+            raise UserError(f"checkpoint format version {d['version']} is newer than this edgerepvgg; upgrade it")
+        return cls(d["variant"], d["block"], d["num_classes"], d["in_chans"], d["fused"],
+                   InputSpec.from_dict(d["input_spec"]), d.get("extra", {}))  # fmt: skip
+
+    def build(self) -> RepVGG:
+        return create_model(self.variant, self.num_classes, self.in_chans, self.block, deploy=self.fused)
+
+
+def default_spec(in_chans: int) -> InputSpec:
+    """ImageNet preprocessing for 3 channels; a neutral 0.5/0.5 normalization otherwise."""
+    return InputSpec() if in_chans == 3 else InputSpec(channels=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
+
+
+def meta_for(model: RepVGG, input_spec: InputSpec | None = None, **extra) -> ModelMeta:
+    """Describe a model: whether it is fused is read off its blocks."""
+    fused = all(b.is_fused for b in model.blocks())
+    spec = input_spec or default_spec(model.in_chans)
+    return ModelMeta(model.config.name, model.block_type, model.num_classes, model.in_chans, fused, spec, dict(extra))
+
+
+def save_checkpoint(path: str | Path, model: RepVGG, meta: ModelMeta, half: bool = False) -> Path:
+    """Write model weights and metadata as one safetensors file, atomically. ``half`` stores
+    float16 (loading casts back to float32)."""
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for k, v in model.state_dict().items():
+        v = v.detach().cpu()
+        if half and v.is_floating_point():
+            v = v.half()
+        tensors[k] = v.contiguous()
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={FORMAT: meta.to_json()})
+    return Path(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def resolve_checkpoint(ref: str | Path | None) -> Path:
+    """A path, or the name of a bundled model (``None`` means the default bundled model)."""
+    if ref is None:
+        ref = DEFAULT_MODEL
+    if str(ref) in BUNDLED:
+        path = BUNDLED_DIR / BUNDLED[str(ref)]
+        if not path.is_file():
+            raise UserError(f"bundled model {ref!r} is missing from the installation ({path}); reinstall edgerepvgg")
+        return path
+    path = Path(ref)
+    if not path.exists():
+        raise UserError(f"checkpoint {str(ref)!r} not found; pass a file path or one of: {', '.join(BUNDLED)}")
+    if path.is_dir():
+        raise UserError(f"checkpoint {str(ref)!r} is a folder; pass the checkpoint file inside it")
+    return path
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta | None]:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                header = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as exc:  # safetensors raises its own error types for corrupt headers
+            raise UserError(f"cannot read {path}: not a valid safetensors file ({exc})") from exc
+        meta = None
+        if FORMAT in header:
+            try:
+                meta = ModelMeta.from_json(header[FORMAT])
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{path} has a damaged edgerepvgg metadata block ({exc})") from exc
+        return tensors, meta
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types; all mean "not a safe checkpoint"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"cannot read {path} as a weights-only PyTorch checkpoint ({first}); "
+            "re-save it as a plain state_dict or safetensors"
+        ) from exc
+    return _unwrap(obj, path), None
+
+
+def _unwrap(obj, path: Path) -> dict[str, torch.Tensor]:
+    """Find the state dict inside common wrappers and strip DataParallel/DDP prefixes."""
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
+            for key in ("state_dict", "model", "model_state_dict", "module", "ema"):
+                if isinstance(obj.get(key), dict):
+                    obj = obj[key]
+                    break
+            else:
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise UserError(f"{path} holds no state dict (found {type(obj).__name__}); save model.state_dict()")
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise UserError(f"{path} holds no tensors under its keys {list(obj)[:5]}")
+    for prefix in ("module.", "model."):
+        if all(k.startswith(prefix) for k in tensors):
+            tensors = {k[len(prefix):]: v for k, v in tensors.items()}
+    return tensors
+
+
+# Key layouts, as data: (name, a key that identifies it, [(pattern, replacement), ...]) mapping to
+# the official layout. Patterns are applied in order to every key.
+_TIMM_BLOCK = [
+    (r"\.conv_kxk\.conv\.", ".rbr_dense.conv."), (r"\.conv_kxk\.bn\.", ".rbr_dense.bn."),
+    (r"\.conv_1x1\.conv\.", ".rbr_1x1.conv."), (r"\.conv_1x1\.bn\.", ".rbr_1x1.bn."),
+    (r"\.identity\.", ".rbr_identity."), (r"\.reparam_conv\.", ".rbr_reparam."),
+]  # fmt: skip
+_MMPRETRAIN_BLOCK = [
+    (r"\.branch_3x3\.conv\.", ".rbr_dense.conv."), (r"\.branch_3x3\.norm\.", ".rbr_dense.bn."),
+    (r"\.branch_1x1\.conv\.", ".rbr_1x1.conv."), (r"\.branch_1x1\.norm\.", ".rbr_1x1.bn."),
+    (r"\.branch_norm\.", ".rbr_identity."), (r"\.branch_reparam\.", ".rbr_reparam."),
+]  # fmt: skip
+LAYOUTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+    "official": (r"^stage0\.", []),
+    "timm": (r"^stem\.", [
+        (r"^stem\.", "stage0."),
+        (r"^stages\.(\d+)\.", lambda m: f"stage{int(m.group(1)) + 1}."),
+        (r"^head\.fc\.", "linear."),
+        *_TIMM_BLOCK,
+    ]),
+    "mmpretrain": (r"^backbone\.stem\.", [
+        (r"^backbone\.stem\.", "stage0."),
+        (r"^backbone\.stage_(\d+)\.", r"stage\1."),
+        (r"^head\.fc\.", "linear."),
+        *_MMPRETRAIN_BLOCK,
+    ]),
+}  # fmt: skip
+_IGNORED_KEYS = re.compile(r"(^|\.)(num_batches_tracked|final_conv\..*|head\.(global_pool|flatten)\..*)$")
+
+
+def detect_layout(keys: list[str]) -> str:
+    for name, (marker, _) in LAYOUTS.items():
+        if any(re.search(marker, k) for k in keys):
+            return name
+    raise UserError(
+        "unknown checkpoint layout; expected official RepVGG (stage0.*), timm (stem.*) or MMPretrain "
+        f"(backbone.stem.*) keys, found e.g. {sorted(keys)[:4]}"
+    )
+
+
+def to_official(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename a state dict in any known layout to the official (our) layout."""
+    layout = detect_layout(list(tensors))
+    rules = LAYOUTS[layout][1]
+    out = {}
+    for key, value in tensors.items():
+        if _IGNORED_KEYS.search(key) and not key.endswith("num_batches_tracked"):
+            continue
+        for pattern, repl in rules:
+            key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out, layout
+
+
+def infer_meta(tensors: dict[str, torch.Tensor]) -> ModelMeta:
+    """Read variant, block type, classes, channels and fused-or-not off official-layout shapes."""
+    try:
+        fused = "stage0.rbr_reparam.weight" in tensors
+        if fused:
+            block = "repvgg"
+            stem = tensors["stage0.rbr_reparam.weight"]
+        else:
+            block = "qarepvgg" if "stage0.bn.weight" in tensors else "repvgg"
+            stem = tensors["stage0.rbr_dense.conv.weight"]
+        head = tensors["linear.weight"]
+    except KeyError as exc:
+        raise UserError(f"checkpoint lacks {exc.args[0]!r}; is it a RepVGG classifier?") from exc
+    depths, widths = [], []
+    for s in range(1, 5):
+        idx = {int(m.group(1)) for k in tensors if (m := re.match(rf"stage{s}\.(\d+)\.", k))}
+        depths.append(len(idx))
+        conv = tensors.get(f"stage{s}.0.rbr_reparam.weight", tensors.get(f"stage{s}.0.rbr_dense.conv.weight"))
+        widths.append(None if conv is None else conv.shape[0])
+    probe = "rbr_reparam.weight" if fused else "rbr_dense.conv.weight"
+    layer2 = tensors.get(f"stage1.1.{probe}")  # official layer index 2: grouped in g2/g4 variants
+    group_ratio = 1 if layer2 is None else max(1, layer2.shape[0] // layer2.shape[1])
+    for name, cfg in VARIANTS.items():
+        if (tuple(depths) == cfg.num_blocks and tuple(widths) == cfg.stage_widths
+                and stem.shape[0] == cfg.stem_width and group_ratio == cfg.groups):  # fmt: skip
+            return ModelMeta(name, block, head.shape[0], stem.shape[1], fused, default_spec(stem.shape[1]))
+    raise UserError(
+        f"no RepVGG variant has blocks {depths}, widths {widths}, stem {stem.shape[0]}, groups {group_ratio}; "
+        f"known variants: {', '.join(VARIANTS)}"
+    )
+
+
+def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """``load_state_dict`` with one clear error for missing/unexpected keys or shape mismatches."""
+    expected = model.state_dict()
+    tensors = {k: v for k, v in tensors.items() if k in expected or not k.endswith("num_batches_tracked")}
+    missing = [k for k in expected if k not in tensors and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in tensors if k not in expected]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:3]}")
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:3]}")
+        raise UserError(f"{path} does not match the model: {'; '.join(parts)}")
+    for k, v in tensors.items():
+        if v.shape != expected[k].shape:
+            raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
+    model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False)
+
+
+def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -> tuple[RepVGG, ModelMeta]:
+    """Load any supported checkpoint (default: the bundled model) as a RepVGG in eval mode,
+    returning it with its metadata. ``variant`` overrides shape-based detection."""
+    path = resolve_checkpoint(ref)
+    tensors, meta = _read_tensors(path)
+    if meta is None:
+        tensors, layout = to_official(tensors)
+        meta = infer_meta(tensors)
+        meta = replace(meta, extra={"source_layout": layout, "source": str(path)})
+        log.info("read %s as a %s-layout %s RepVGG-%s", path, layout, "fused" if meta.fused else "train-time", meta.variant)
+    if variant is not None:
+        meta = replace(meta, variant=create_model(variant, meta.num_classes, meta.in_chans).config.name)
+    model = meta.build()
+    load_state(model, tensors, path)
+    return model.eval(), meta

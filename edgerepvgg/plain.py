@@ -1,0 +1,59 @@
+"""PlainNet: the fused network every later stage (quantization, targets, reports) reads.
+
+Only 3x3 convs with bias, each followed by ReLU, then a global average pool and one Linear. It
+carries its input spec (size, channels, mean/std, class names) so that no later stage has to ask.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from edgerepvgg.data import InputSpec
+
+
+@dataclass(frozen=True)
+class ConvInfo:
+    """Shape of one plain layer, for reports and exporters."""
+
+    name: str
+    in_channels: int
+    out_channels: int
+    stride: int
+    groups: int
+
+
+class PlainNet(nn.Module):
+    """``ReLU(conv_i(x))`` for every 3x3 conv, global average pool, ``head``."""
+
+    def __init__(self, convs: list[nn.Conv2d], head: nn.Linear, input_spec: InputSpec, name: str = "plain"):
+        super().__init__()
+        for conv in convs:
+            if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.bias is None or conv.dilation != (1, 1):
+                raise ValueError(f"PlainNet takes only 3x3 convs with padding 1 and a bias, got {conv}")
+        self.convs = nn.ModuleList(convs)
+        self.head = head
+        self.input_spec = input_spec
+        self.name = name
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.out_features
+
+    def layers(self) -> list[ConvInfo]:
+        return [ConvInfo(f"convs.{i}", c.in_channels, c.out_channels, c.stride[0], c.groups) for i, c in enumerate(self.convs)]
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        for conv in self.convs:
+            x = torch.relu(conv(x))
+        return x.mean(dim=(2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+    def example_input(self, batch: int = 1) -> torch.Tensor:
+        s = self.input_spec
+        w = self.head.weight
+        return torch.randn(batch, s.channels, s.size, s.size, dtype=w.dtype, device=w.device)
