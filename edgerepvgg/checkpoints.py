@@ -11,9 +11,11 @@ Pickles are only ever read with ``torch.load(..., weights_only=True)``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from torch import nn
 from edgerepvgg.data import InputSpec
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path
-from edgerepvgg.models import VARIANTS, RepVGG, create_model
+from edgerepvgg.models import VARIANTS, RepVGG, create_model, resolve_variant
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +117,34 @@ def resolve_checkpoint(ref: str | Path | None) -> Path:
     return path
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta | None]:
+def _is_safetensors(path: Path) -> bool:
+    """By suffix or by content: 8-byte little-endian header length, then a JSON header."""
     if path.suffix == ".safetensors":
+        return True
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return len(head) == 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
+def _torch_load_error(exc: Exception, path: Path) -> UserError:
+    """One line out of torch's multi-paragraph unpickling errors (which suggest the unsafe load)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if unsafe:
+        return UserError(
+            f"{path} pickles {unsafe.group(1)}, which a safe (weights-only) load refuses to run; "
+            "re-save only the weights (torch.save(model.state_dict(), ...) or safetensors)"
+        )
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    first = (detail.group(1) if detail else text.strip().splitlines()[0] if text.strip() else type(exc).__name__).strip()
+    return UserError(
+        f"cannot read {path}: not a PyTorch or safetensors checkpoint ({first}); "
+        "pass a .pth/.pt/.bin/.safetensors file holding a state dict"
+    )
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta | None]:
+    if _is_safetensors(path):
         from safetensors import safe_open
 
         try:
@@ -124,22 +152,20 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], ModelMeta | None
                 header = f.metadata() or {}
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as exc:  # safetensors raises its own error types for corrupt headers
-            raise UserError(f"cannot read {path}: not a valid safetensors file ({exc})") from exc
+            raise UserError(f"cannot read {path}: not a valid safetensors file ({exc}); is it truncated?") from exc
         meta = None
         if FORMAT in header:
             try:
                 meta = ModelMeta.from_json(header[FORMAT])
             except (ValueError, KeyError, TypeError) as exc:
-                raise UserError(f"{path} has a damaged edgerepvgg metadata block ({exc})") from exc
+                raise UserError(f"{path} has a damaged edgerepvgg metadata block ({exc}); re-save it") from exc
         return tensors, meta
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # timm's trainer stores its argparse.Namespace beside the weights; it is plain data.
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # unpickling errors come in many types; all mean "not a safe checkpoint"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(
-            f"cannot read {path} as a weights-only PyTorch checkpoint ({first}); "
-            "re-save it as a plain state_dict or safetensors"
-        ) from exc
+        raise _torch_load_error(exc, path) from exc
     return _unwrap(obj, path), None
 
 
@@ -176,7 +202,7 @@ _MMPRETRAIN_BLOCK = [
     (r"\.branch_1x1\.conv\.", ".rbr_1x1.conv."), (r"\.branch_1x1\.norm\.", ".rbr_1x1.bn."),
     (r"\.branch_norm\.", ".rbr_identity."), (r"\.branch_reparam\.", ".rbr_reparam."),
 ]  # fmt: skip
-LAYOUTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
+LAYOUTS: dict[str, tuple[str, list[tuple[str, str | Callable[[re.Match], str]]]]] = {
     "official": (r"^stage0\.", []),
     "timm": (r"^stem\.", [
         (r"^stem\.", "stage0."),
@@ -191,7 +217,8 @@ LAYOUTS: dict[str, tuple[str, list[tuple[str, str]]]] = {
         *_MMPRETRAIN_BLOCK,
     ]),
 }  # fmt: skip
-_IGNORED_KEYS = re.compile(r"(^|\.)(num_batches_tracked|final_conv\..*|head\.(global_pool|flatten)\..*)$")
+# Squeeze-excitation layers (RepVGG-D2se, RepVGGplus) have no counterpart in our blocks.
+_SE_KEYS = re.compile(r"\.(se|se_layer|attn)\.")
 
 
 def detect_layout(keys: list[str]) -> str:
@@ -205,13 +232,18 @@ def detect_layout(keys: list[str]) -> str:
 
 
 def to_official(tensors: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
-    """Rename a state dict in any known layout to the official (our) layout."""
+    """Rename a state dict in any known layout to the official (our) layout. Keys that no rule
+    renames are kept as they are, so :func:`load_state` reports them instead of dropping weights."""
     layout = detect_layout(list(tensors))
+    se = sorted(k for k in tensors if _SE_KEYS.search(k))
+    if se:
+        raise UserError(
+            f"this {layout}-layout checkpoint has squeeze-excitation layers (e.g. {se[0]}), as in RepVGG-D2se; "
+            f"edgerepvgg supports the plain variants: {', '.join(VARIANTS)}"
+        )
     rules = LAYOUTS[layout][1]
     out = {}
     for key, value in tensors.items():
-        if _IGNORED_KEYS.search(key) and not key.endswith("num_batches_tracked"):
-            continue
         for pattern, repl in rules:
             key = re.sub(pattern, repl, key)
         out[key] = value
@@ -231,6 +263,10 @@ def infer_meta(tensors: dict[str, torch.Tensor]) -> ModelMeta:
         head = tensors["linear.weight"]
     except KeyError as exc:
         raise UserError(f"checkpoint lacks {exc.args[0]!r}; is it a RepVGG classifier?") from exc
+    if stem.ndim != 4 or head.ndim != 2:
+        raise UserError(f"checkpoint has a {stem.ndim}-d stem conv and a {head.ndim}-d classifier; is it a RepVGG?")
+    if stem.shape[1] not in (1, 3):
+        raise UserError(f"checkpoint expects {stem.shape[1]} input channels; edgerepvgg supports 1 (grayscale) or 3 (RGB)")
     depths, widths = [], []
     for s in range(1, 5):
         idx = {int(m.group(1)) for k in tensors if (m := re.match(rf"stage{s}\.(\d+)\.", k))}
@@ -239,7 +275,7 @@ def infer_meta(tensors: dict[str, torch.Tensor]) -> ModelMeta:
         widths.append(None if conv is None else conv.shape[0])
     probe = "rbr_reparam.weight" if fused else "rbr_dense.conv.weight"
     layer2 = tensors.get(f"stage1.1.{probe}")  # official layer index 2: grouped in g2/g4 variants
-    group_ratio = 1 if layer2 is None else max(1, layer2.shape[0] // layer2.shape[1])
+    group_ratio = 1 if layer2 is None or layer2.ndim != 4 else max(1, layer2.shape[0] // layer2.shape[1])
     for name, cfg in VARIANTS.items():
         if (tuple(depths) == cfg.num_blocks and tuple(widths) == cfg.stage_widths
                 and stem.shape[0] == cfg.stem_width and group_ratio == cfg.groups):  # fmt: skip
@@ -280,7 +316,7 @@ def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -
         meta = replace(meta, extra={"source_layout": layout, "source": str(path)})
         log.info("read %s as a %s-layout %s RepVGG-%s", path, layout, "fused" if meta.fused else "train-time", meta.variant)
     if variant is not None:
-        meta = replace(meta, variant=create_model(variant, meta.num_classes, meta.in_chans).config.name)
+        meta = replace(meta, variant=resolve_variant(variant).name)
     model = meta.build()
     load_state(model, tensors, path)
     return model.eval(), meta

@@ -57,3 +57,20 @@ class PlainNet(nn.Module):
         s = self.input_spec
         w = self.head.weight
         return torch.randn(batch, s.channels, s.size, s.size, dtype=w.dtype, device=w.device)
+
+
+def conv_output_size(size: int, stride: int) -> int:
+    """Spatial size after a 3x3 conv with padding 1."""
+    return (size - 1) // stride + 1
+
+
+def count_macs(plain: PlainNet, size: int | None = None) -> list[tuple[str, int, int]]:
+    """Multiply-accumulates per layer at a square input ``size`` (default: the input spec's):
+    ``[(layer name, output side, MACs), ...]`` ending with the head."""
+    side = size or plain.input_spec.size
+    rows = []
+    for info, conv in zip(plain.layers(), plain.convs):
+        side = conv_output_size(side, info.stride)
+        rows.append((info.name, side, side * side * info.out_channels * (info.in_channels // info.groups) * 9))
+    rows.append(("head", 1, plain.head.in_features * plain.head.out_features))
+    return rows

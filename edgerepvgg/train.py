@@ -36,7 +36,7 @@ class TrainConfig:
 
     model: str = "A0"
     block: str = "repvgg"
-    epochs: int = 30
+    epochs: int = 20
     batch_size: int = 128
     optimizer: str = "sgd"  # sgd (Nesterov momentum 0.9) or adamw
     lr: float = 0.1

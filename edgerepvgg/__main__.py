@@ -1,0 +1,5 @@
+import sys
+
+from edgerepvgg.cli import main
+
+sys.exit(main())
