@@ -6,12 +6,16 @@ carries its input spec (size, channels, mean/std, class names) so that no later 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from edgerepvgg.data import InputSpec
+
+
+Observe = Callable[[str, torch.Tensor], None]
 
 
 @dataclass(frozen=True)
@@ -45,13 +49,26 @@ class PlainNet(nn.Module):
     def layers(self) -> list[ConvInfo]:
         return [ConvInfo(f"convs.{i}", c.in_channels, c.out_channels, c.stride[0], c.groups) for i, c in enumerate(self.convs)]
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        for conv in self.convs:
+    def forward(self, x: torch.Tensor, observe: Observe | None = None) -> torch.Tensor:
+        """Logits. ``observe(point, tensor)`` sees every activation point a quantizer sits on:
+        ``convs.i`` (input of conv i), ``pool`` (last ReLU output), ``head`` (pooled features)
+        and ``output`` (logits); calibration reads them through it."""
+        for i, conv in enumerate(self.convs):
+            if observe:
+                observe(f"convs.{i}", x)
             x = torch.relu(conv(x))
-        return x.mean(dim=(2, 3))
+        if observe:
+            observe("pool", x)
+        x = x.mean(dim=(2, 3))
+        if observe:
+            observe("head", x)
+        y = self.head(x)
+        if observe:
+            observe("output", y)
+        return y
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+    def activation_points(self) -> list[str]:
+        return [f"convs.{i}" for i in range(len(self.convs))] + ["pool", "head", "output"]
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
         s = self.input_spec

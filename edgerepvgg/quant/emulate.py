@@ -1,0 +1,167 @@
+"""PlainNet + QuantSpec in PyTorch: the referee every target is checked against.
+
+``IntegerNet`` computes what the integer kernels compute: int8 (or narrower) inputs and weights,
+exact integer accumulation, the bias added in int32 (``round(b / (s_in * s_w))``) or in float where
+the target keeps a float bias (TensorRT), ReLU, and requantization to the next layer's input grid
+with the target's rounding. Accumulation is exact (float64 holds every int8 x int8 sum of these
+sizes exactly: |acc| < 2^53). Where targets may differ from it:
+
+- requantization: TFLite multiplies by a 31-bit fixed-point approximation of
+  ``s_in * s_w / s_out`` and TensorRT/ONNX Runtime by a float32 scale, where we use float64; the
+  results agree except where a value lands within ~1e-7 of a rounding boundary (one step apart);
+- average pooling: the mean of the quantized values is requantized once here; a target that
+  accumulates in another order rounds the same exact sum, so it agrees.
+
+``fake_quant`` is the differentiable version used by QAT (straight-through estimator).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgerepvgg.plain import PlainNet
+from edgerepvgg.quant.spec import QuantSpec, TensorQuant
+
+
+def round_mode(x: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Round to integer: ``half_even`` (ONNX QuantizeLinear, TensorRT) or ``half_away`` (TFLite)."""
+    if rounding == "half_even":
+        return torch.round(x)
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def _param(values: tuple, dtype: torch.dtype, axis_len: int | None, ndim: int, axis: int) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype)
+    if len(values) == 1:
+        return t.reshape(())
+    shape = [1] * ndim
+    shape[axis] = axis_len if axis_len is not None else len(values)
+    return t.reshape(shape)
+
+
+def quantize(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axis: int = 0) -> torch.Tensor:
+    """Float -> integer values (kept in ``x``'s float dtype): ``clamp(round(x / s) + z)``."""
+    scale = _param(q.scale, x.dtype, None, x.ndim, axis)
+    zp = _param(q.zero_point, x.dtype, None, x.ndim, axis)
+    return torch.clamp(round_mode(x / scale, rounding) + zp, q.scheme.qmin, q.scheme.qmax)
+
+
+def dequantize(xq: torch.Tensor, q: TensorQuant, axis: int = 0) -> torch.Tensor:
+    scale = _param(q.scale, xq.dtype, None, xq.ndim, axis)
+    zp = _param(q.zero_point, xq.dtype, None, xq.ndim, axis)
+    return (xq - zp) * scale
+
+
+def fake_quant(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axis: int = 0) -> torch.Tensor:
+    """Quantize-dequantize with a straight-through gradient inside the clip range."""
+    y = dequantize(quantize(x, q, rounding, axis), q, axis)
+    scale = _param(q.scale, x.dtype, None, x.ndim, axis)
+    zp = _param(q.zero_point, x.dtype, None, x.ndim, axis)
+    lo, hi = (q.scheme.qmin - zp) * scale, (q.scheme.qmax - zp) * scale
+    inside = (x >= lo) & (x <= hi)
+    return torch.where(inside, x + (y - x).detach(), y.detach())
+
+
+class IntegerNet(nn.Module):
+    """The integer function of ``plain`` under ``spec``; float in, float logits out.
+
+    Weights are quantized once at construction. Between layers the activations are carried as the
+    real values the integers stand for (float64, exact), and each integer layer quantizes its input
+    onto its grid: for a ReLU output that is the requantization step. Layers the spec keeps in
+    ``float`` precision compute in float64 on unquantized input. ``forward(x, observe)`` reports
+    the integer values at every activation point, so a target can be compared layer by layer."""
+
+    def __init__(self, plain: PlainNet, spec: QuantSpec):
+        super().__init__()
+        if len(spec.layers) != len(plain.convs) + 1:
+            raise ValueError(f"spec has {len(spec.layers)} layers, the model {len(plain.convs) + 1}")
+        self.spec = spec
+        self.rounding = spec.constraints.rounding
+        self.strides = [c.stride for c in plain.convs]
+        self.groups = [c.groups for c in plain.convs]
+        self.weights: list[torch.Tensor] = []
+        self.biases: list[torch.Tensor] = []
+        for layer, module in zip(spec.layers, [*plain.convs, plain.head]):
+            w = module.weight.detach().double()
+            self.weights.append(w if layer.precision == "float" else quantize(w, layer.weight, "half_even", axis=0))
+            self.biases.append(module.bias.detach().double())
+
+    def _layer(self, i: int, x: torch.Tensor, observe) -> torch.Tensor:
+        """Layer i (conv or head) on real-valued input ``x``; returns real-valued pre-ReLU output."""
+        layer = self.spec.layers[i]
+        conv = i < len(self.strides)
+        shape = (1, -1, 1, 1) if conv else (1, -1)
+        bias = self.biases[i].reshape(shape)
+
+        def apply(inp: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+            if conv:
+                return nn.functional.conv2d(inp, w, b, self.strides[i], 1, 1, self.groups[i])
+            return nn.functional.linear(inp, w, b)
+
+        if layer.precision == "float":
+            return apply(x, self.weights[i], self.biases[i])
+        q = layer.input
+        xq = quantize(x, q, self.rounding, axis=1)
+        if observe:
+            observe(layer.name, xq)
+        acc = apply(xq - q.zero_point[0], self.weights[i], None)  # exact integer sums
+        s = q.scale[0] * torch.tensor(layer.weight.scale, dtype=torch.float64).reshape(shape)
+        if self.spec.constraints.int_bias:
+            return (acc + round_mode(bias / s, "half_even")) * s
+        return acc * s + bias
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, observe=None) -> torch.Tensor:
+        spec = self.spec
+        x = x.double()
+        for i in range(len(self.strides)):
+            x = torch.relu(self._layer(i, x, observe))
+        xq = quantize(x, spec.pool, self.rounding, axis=1)
+        if observe:
+            observe("pool", xq)
+        x = dequantize(xq, spec.pool, axis=1).mean(dim=(2, 3))
+        logits = self._layer(len(self.strides), x, observe)
+        if spec.output is not None:
+            oq = quantize(logits, spec.output, self.rounding, axis=1)
+            if observe:
+                observe("output", oq)
+            logits = dequantize(oq, spec.output, axis=1)
+        return logits.float()
+
+
+class FakeQuantNet(nn.Module):
+    """The same quantized function in float with fake-quant (differentiable, for QAT and for
+    quick what-if analysis). ``quantize_layers`` limits which layers are quantized (sensitivity)."""
+
+    def __init__(self, plain: PlainNet, spec: QuantSpec, quantize_layers: set[str] | None = None):
+        super().__init__()
+        self.plain, self.spec = plain, spec
+        self.active = quantize_layers
+        self.float_layers = {layer.name for layer in spec.layers if layer.precision == "float"}
+
+    def _on(self, name: str) -> bool:
+        return name not in self.float_layers and (self.active is None or name in self.active)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        spec, r = self.spec, self.spec.constraints.rounding
+        n = len(self.plain.convs)
+        for i, conv in enumerate(self.plain.convs):
+            layer = spec.layers[i]
+            w = conv.weight
+            if self._on(layer.name):
+                x = fake_quant(x, layer.input, r, axis=1)
+                w = fake_quant(w, layer.weight, "half_even", axis=0)
+            x = torch.relu(nn.functional.conv2d(x, w, conv.bias, conv.stride, 1, 1, conv.groups))
+        if self._on("pool"):
+            x = fake_quant(x, spec.pool, r, axis=1)
+        x = x.mean(dim=(2, 3))
+        head, layer = self.plain.head, spec.layers[n]
+        w = head.weight
+        if self._on(layer.name):
+            x = fake_quant(x, layer.input, r, axis=1)
+            w = fake_quant(w, layer.weight, "half_even", axis=0)
+        y = nn.functional.linear(x, w, head.bias)
+        if spec.output is not None and self._on(layer.name):
+            y = fake_quant(y, spec.output, r, axis=1)
+        return y

@@ -1,0 +1,269 @@
+"""QuantSpec: the single, versioned description of how a PlainNet is quantized.
+
+Every target is compiled from PlainNet + QuantSpec, so every target computes the same integer
+function; the PyTorch integer emulation (:mod:`edgerepvgg.quant.emulate`) is its referee.
+
+Layout of the quantized network (TensorRT's explicit-quantization placement, which every other
+target can also express): each conv and the head quantize their *input* activation per tensor and
+their *weight* per output channel (symmetric); the bias stays float in the spec (targets that need
+an int32 bias derive it as ``round(bias / (s_in * s_w))``); after a conv, ReLU, and the next
+layer's input quantizer requantizes. The last conv's ReLU output is quantized by ``pool`` (the
+global-average-pool input); ``output`` quantizes the logits where the target's kernels emit
+integers (TFLite), and is absent where they emit float (TensorRT, OpenVINO, ONNX Runtime).
+
+Activation points are named by what reads them: ``convs.i`` (input of conv i; ``convs.0`` is the
+network input), ``pool``, ``head`` and ``output``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import platform
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from edgerepvgg.errors import UserError
+
+SPEC_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """An integer grid: ``bits`` wide, signed or not, symmetric (zero point 0) or affine."""
+
+    bits: int = 8
+    signed: bool = True
+    symmetric: bool = True
+    per_channel: bool = False
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 16:
+            raise ValueError(f"bits must be in 2..16, got {self.bits}")
+        if self.symmetric and not self.signed and self.per_channel:
+            raise ValueError("unsigned symmetric per-channel grids are not supported")
+
+    @property
+    def qmin(self) -> int:
+        """Smallest integer on the grid. Signed symmetric grids drop -2^(b-1) (TensorRT, TFLite
+        weights: [-127, 127]) so that the grid is symmetric around zero."""
+        if not self.signed:
+            return 0
+        return -(2 ** (self.bits - 1)) + (1 if self.symmetric else 0)
+
+    @property
+    def qmax(self) -> int:
+        return 2**self.bits - 1 if not self.signed else 2 ** (self.bits - 1) - 1
+
+
+@dataclass(frozen=True)
+class Constraints:
+    """What a target's integer kernels can do: the grids for activations and weights, and how
+    the target rounds when it requantizes."""
+
+    name: str
+    activation: Scheme
+    weight: Scheme
+    int_bias: bool = True  # int32 bias in the kernel (TFLite, OpenVINO, ORT) vs float bias (TensorRT)
+    int_output: bool = False  # the head emits integers (quantized logits) rather than float
+    rounding: str = "half_even"  # how quantizers round: half_even (ONNX, TensorRT) or half_away (TFLite)
+    note: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.weight.symmetric or not self.weight.per_channel:
+            raise ValueError("weights are always quantized symmetric per output channel")
+        if self.rounding not in ("half_even", "half_away"):
+            raise ValueError(f"unknown rounding {self.rounding!r}")
+
+    def with_weight_bits(self, bits: int) -> "Constraints":
+        return replace(self, name=f"{self.name}-w{bits}", weight=replace(self.weight, bits=bits))
+
+
+_W8 = Scheme(8, signed=True, symmetric=True, per_channel=True)
+CONSTRAINT_SETS: dict[str, Constraints] = {
+    c.name: c
+    for c in (
+        Constraints("tensorrt", Scheme(8, True, True), _W8, int_bias=False,
+                    note="explicit quantization: symmetric int8, zero point 0, bias kept float"),
+        Constraints("openvino", Scheme(8, False, False), _W8,
+                    note="OpenVINO CPU: u8 activations (affine), i8 symmetric per-channel weights"),
+        Constraints("tflite", Scheme(8, True, False), _W8, rounding="half_away", int_output=True,
+                    note="TFLite full integer: int8 affine activations, int8 symmetric per-channel weights"),
+        Constraints("onnxruntime", Scheme(8, False, False), _W8,
+                    note="ONNX Runtime CPU: u8 activations, s8 weights (QLinearConv)"),
+    )
+}  # fmt: skip
+
+
+def cpu_flags() -> set[str]:
+    """Instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def needs_reduced_weight_range(flags: set[str] | None = None) -> bool:
+    """x86 CPUs without VNNI multiply u8 x s8 pairs with vpmaddubsw, whose int16 intermediate
+    saturates for full 8-bit weights; 7-bit weights are exact there (DESIGN.md, NNCF's overflow fix)."""
+    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
+        return False
+    flags = cpu_flags() if flags is None else flags
+    return not ({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags)
+
+
+def constraints_for(name: str, host: bool = True, weight_bits: int | None = None) -> Constraints:
+    """The constraint set for a target. For CPU targets run on this host (``host=True``), weights
+    drop to 7 bits when the CPU lacks VNNI; ``weight_bits`` overrides either way."""
+    try:
+        c = CONSTRAINT_SETS[name]
+    except KeyError:
+        raise UserError(f"unknown constraint set {name!r}; choose one of {', '.join(CONSTRAINT_SETS)}") from None
+    if weight_bits is not None:
+        return c if weight_bits == c.weight.bits else c.with_weight_bits(weight_bits)
+    if host and name in ("openvino", "onnxruntime") and needs_reduced_weight_range():
+        return c.with_weight_bits(7)
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Quantization parameters
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """Scale(s) and zero point(s) of one quantized tensor on a given grid."""
+
+    scheme: Scheme
+    scale: tuple[float, ...]
+    zero_point: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.scale) != len(self.zero_point) or not self.scale:
+            raise ValueError("need one zero point per scale")
+        if any(not (s > 0 and math.isfinite(s)) for s in self.scale):
+            raise ValueError(f"scales must be positive and finite, got {self.scale[:4]}")
+        if any(not self.scheme.qmin <= z <= self.scheme.qmax for z in self.zero_point):
+            raise ValueError("zero point outside the integer grid")
+        if self.scheme.symmetric and any(self.zero_point):
+            raise ValueError("a symmetric grid has zero point 0")
+
+    def to_dict(self) -> dict:
+        return {"scheme": asdict(self.scheme), "scale": list(self.scale), "zero_point": list(self.zero_point)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorQuant":
+        return cls(Scheme(**d["scheme"]), tuple(float(s) for s in d["scale"]), tuple(int(z) for z in d["zero_point"]))
+
+
+def qparams(lo: float, hi: float, scheme: Scheme) -> tuple[float, int]:
+    """Scale and zero point that map the clip range [lo, hi] onto ``scheme``'s grid. The range is
+    widened to include 0 so that zero (ReLU's floor, conv padding) is exactly representable."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if scheme.symmetric:
+        bound = max(-lo, hi)
+        # Unsigned symmetric ([0, qmax] with zero point 0) only holds non-negative data.
+        scale = bound / scheme.qmax if bound > 0 else 1.0
+        return scale, 0
+    span = hi - lo
+    if span <= 0:
+        return 1.0, max(scheme.qmin, min(scheme.qmax, 0))
+    scale = span / (scheme.qmax - scheme.qmin)
+    zero_point = int(round(scheme.qmin - lo / scale))
+    return scale, max(scheme.qmin, min(scheme.qmax, zero_point))
+
+
+@dataclass(frozen=True)
+class LayerQuant:
+    """How one layer (``convs.i`` or ``head``) is quantized; ``precision='float'`` keeps it in
+    floating point (mixed precision, where the target allows)."""
+
+    name: str
+    input: TensorQuant
+    weight: TensorQuant
+    precision: str = "int"
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "input": self.input.to_dict(), "weight": self.weight.to_dict(), "precision": self.precision}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerQuant":
+        return cls(d["name"], TensorQuant.from_dict(d["input"]), TensorQuant.from_dict(d["weight"]), d.get("precision", "int"))
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Per-layer quantization of one PlainNet for one constraint set. ``model_hash`` ties it to the
+    exact weights it was made for (a spec for another model is refused)."""
+
+    constraints: Constraints
+    layers: tuple[LayerQuant, ...]
+    pool: TensorQuant
+    output: TensorQuant | None
+    model_hash: str
+    calibration: dict = field(default_factory=dict)  # method, images, source: provenance only
+    version: int = SPEC_VERSION
+
+    def __post_init__(self) -> None:
+        if (self.output is not None) != self.constraints.int_output:
+            raise ValueError(f"constraint set {self.constraints.name!r} {'needs' if self.constraints.int_output else 'takes no'} output quantizer")
+
+    def layer(self, name: str) -> LayerQuant:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def to_json(self) -> str:
+        d = {"version": self.version, "model_hash": self.model_hash,
+             "constraints": asdict(self.constraints), "calibration": self.calibration,
+             "layers": [layer.to_dict() for layer in self.layers], "pool": self.pool.to_dict(),
+             "output": None if self.output is None else self.output.to_dict()}  # fmt: skip
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QuantSpec":
+        try:
+            d = json.loads(text)
+            if d.get("version", 0) > SPEC_VERSION:
+                raise UserError(f"QuantSpec version {d['version']} is newer than this edgerepvgg; upgrade it")
+            c = d["constraints"]
+            constraints = Constraints(c["name"], Scheme(**c["activation"]), Scheme(**c["weight"]),
+                                      c["int_bias"], c["int_output"], c["rounding"], c.get("note", ""))  # fmt: skip
+            layers = tuple(LayerQuant.from_dict(x) for x in d["layers"])
+            output = None if d["output"] is None else TensorQuant.from_dict(d["output"])
+            return cls(constraints, layers, TensorQuant.from_dict(d["pool"]), output, d["model_hash"],
+                       d.get("calibration", {}), d["version"])  # fmt: skip
+        except UserError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise UserError(f"not a valid QuantSpec JSON ({type(exc).__name__}: {exc}); regenerate it with 'edgerepvgg calibrate'") from exc
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def load_spec(path: str | Path) -> QuantSpec:
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise UserError(f"cannot read QuantSpec {path}: {exc.strerror or exc}") from exc
+    return QuantSpec.from_json(text)
+
+
+def model_hash(plain) -> str:
+    """A short hash of a PlainNet's weights and structure."""
+    h = hashlib.sha256()
+    for name, tensor in plain.state_dict().items():
+        h.update(name.encode())
+        h.update(str(tuple(tensor.shape)).encode())
+        h.update(tensor.detach().cpu().float().contiguous().numpy().tobytes())
+    for info in plain.layers():
+        h.update(f"{info.stride},{info.groups}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,48 @@
+"""Tiny PlainNets and hand-made QuantSpecs (min/max ranges computed here, not by the observers)."""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import torch
+
+from edgerepvgg import InputSpec, create_model, fuse
+from edgerepvgg.plain import PlainNet
+from edgerepvgg.quant import Constraints, LayerQuant, QuantSpec, TensorQuant, model_hash, qparams
+
+from conftest import randomize_bn
+
+
+def tiny_plain(seed: int = 0, size: int = 16, classes: int = 5) -> PlainNet:
+    """A fused A0 (1 channel, ``classes`` outputs); a fresh copy each call, built once."""
+    return copy.deepcopy(_tiny_plain(seed, size, classes))
+
+
+@functools.cache
+def _tiny_plain(seed: int, size: int, classes: int) -> PlainNet:
+    torch.manual_seed(seed)
+    model = randomize_bn(create_model("A0", num_classes=classes, in_chans=1), seed).eval()
+    plain, _ = fuse(model, InputSpec(size=size, resize=size, channels=1, mean=(0.5,), std=(0.5,)))
+    return plain
+
+
+@torch.no_grad()
+def minmax_spec(plain: PlainNet, c: Constraints, x: torch.Tensor | None = None) -> QuantSpec:
+    """Per-tensor min/max activation ranges on ``x``, per-channel max|w| weight scales."""
+    if x is None:
+        x = plain.example_input(8)
+    ranges: dict[str, tuple[float, float]] = {}
+    plain(x, observe=lambda n, t: ranges.__setitem__(n, (float(t.min()), float(t.max()))))
+
+    def act(point: str) -> TensorQuant:
+        s, z = qparams(*ranges[point], c.activation)
+        return TensorQuant(c.activation, (s,), (z,))
+
+    layers = []
+    for name, m in zip([f"convs.{i}" for i in range(len(plain.convs))] + ["head"], [*plain.convs, plain.head]):
+        wmax = m.weight.detach().abs().flatten(1).max(1).values.clamp_min(1e-8)
+        scales = tuple(float(v) / c.weight.qmax for v in wmax)
+        layers.append(LayerQuant(name, act(name), TensorQuant(c.weight, scales, (0,) * len(scales))))
+    out = act("output") if c.int_output else None
+    return QuantSpec(c, tuple(layers), act("pool"), out, model_hash(plain), {"method": "test-minmax"})

@@ -1,0 +1,122 @@
+"""QuantSpec, grids, quantization parameters and the constraint sets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from edgerepvgg import UserError
+from edgerepvgg.quant import CONSTRAINT_SETS, QuantSpec, Scheme, TensorQuant, constraints_for, qparams
+from edgerepvgg.quant.spec import needs_reduced_weight_range
+
+from quant_helpers import minmax_spec, tiny_plain
+
+
+@pytest.mark.parametrize(
+    "scheme,qmin,qmax",
+    [(Scheme(8, True, True), -127, 127), (Scheme(8, True, False), -128, 127), (Scheme(8, False, False), 0, 255),
+     (Scheme(7, True, True, per_channel=True), -63, 63), (Scheme(4, False, True), 0, 15)],
+)  # fmt: skip
+def test_grid_bounds(scheme, qmin, qmax):
+    assert (scheme.qmin, scheme.qmax) == (qmin, qmax)
+
+
+def test_qparams_symmetric_signed():
+    scale, zp = qparams(-2.0, 1.27, Scheme(8, True, True))
+    assert zp == 0 and scale == pytest.approx(2.0 / 127)
+
+
+def test_qparams_affine_unsigned_relu_output_uses_every_level():
+    scale, zp = qparams(0.0, 5.1, Scheme(8, False, False))
+    assert zp == 0 and scale == pytest.approx(5.1 / 255)
+
+
+def test_qparams_affine_signed_with_negative_range():
+    # [-1, 3] on int8 [-128, 127]: scale 4/255, zero point -128 + 1/(4/255) = -64.25 -> -64
+    scale, zp = qparams(-1.0, 3.0, Scheme(8, True, False))
+    assert scale == pytest.approx(4 / 255) and zp == -64
+
+
+def test_qparams_range_always_contains_zero():
+    scale, zp = qparams(2.0, 4.0, Scheme(8, False, False))  # widened to [0, 4]
+    assert zp == 0 and scale == pytest.approx(4 / 255)
+
+
+def test_tensor_quant_validates():
+    with pytest.raises(ValueError, match="positive"):
+        TensorQuant(Scheme(), (0.0,), (0,))
+    with pytest.raises(ValueError, match="zero point 0"):
+        TensorQuant(Scheme(8, True, True), (0.1,), (3,))
+    with pytest.raises(ValueError, match="grid"):
+        TensorQuant(Scheme(8, False, False), (0.1,), (300,))
+
+
+def test_constraint_sets_follow_the_targets():
+    trt = CONSTRAINT_SETS["tensorrt"]
+    assert trt.activation.symmetric and trt.activation.signed and not trt.int_bias
+    assert CONSTRAINT_SETS["openvino"].activation == Scheme(8, signed=False, symmetric=False)
+    tfl = CONSTRAINT_SETS["tflite"]
+    assert tfl.activation.signed and not tfl.activation.symmetric and tfl.int_output and tfl.rounding == "half_away"
+    assert all(c.weight.per_channel and c.weight.symmetric for c in CONSTRAINT_SETS.values())
+
+
+def test_vnni_detection_decides_weight_bits(monkeypatch):
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
+    assert needs_reduced_weight_range({"avx2", "fma"})
+    assert not needs_reduced_weight_range({"avx2", "avx512_vnni"})
+    assert not needs_reduced_weight_range({"avx2", "avx_vnni"})
+    monkeypatch.setattr("edgerepvgg.quant.spec.needs_reduced_weight_range", lambda flags=None: True)
+    assert constraints_for("openvino").weight.bits == 7
+    assert constraints_for("tensorrt").weight.bits == 8  # a GPU target: the host CPU is irrelevant
+    assert constraints_for("openvino", weight_bits=8).weight.bits == 8  # the user overrides
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")
+    monkeypatch.setattr("edgerepvgg.quant.spec.needs_reduced_weight_range",
+                        lambda flags=None: False)  # fmt: skip
+    assert constraints_for("openvino").weight.bits == 8
+
+
+def test_unknown_constraint_set_is_a_user_error():
+    with pytest.raises(UserError, match="unknown constraint set 'coreml'"):
+        constraints_for("coreml")
+
+
+def test_spec_json_round_trip_is_exact():
+    plain = tiny_plain()
+    for name in CONSTRAINT_SETS:
+        spec = minmax_spec(plain, CONSTRAINT_SETS[name])
+        again = QuantSpec.from_json(spec.to_json())
+        assert again == spec and again.sha256 == spec.sha256
+        assert json.loads(spec.to_json())["version"] == 1
+
+
+def test_spec_requires_output_quantizer_exactly_for_integer_output_targets():
+    plain = tiny_plain()
+    spec = minmax_spec(plain, CONSTRAINT_SETS["tensorrt"])
+    with pytest.raises(ValueError, match="output quantizer"):
+        QuantSpec(CONSTRAINT_SETS["tflite"], spec.layers, spec.pool, None, spec.model_hash)
+
+
+@pytest.mark.parametrize("text", ["{", "[]", '{"version": 1}', '{"version": 1, "layers": [{"name": "x"}]}'])
+def test_bad_spec_json_is_a_user_error(text):
+    with pytest.raises(UserError, match="QuantSpec"):
+        QuantSpec.from_json(text)
+
+
+def test_newer_spec_version_is_refused():
+    spec = minmax_spec(tiny_plain(), CONSTRAINT_SETS["tensorrt"])
+    d = json.loads(spec.to_json())
+    d["version"] = 99
+    with pytest.raises(UserError, match="newer"):
+        QuantSpec.from_json(json.dumps(d))
+
+
+def test_model_hash_changes_with_weights():
+    from edgerepvgg.quant import model_hash
+
+    plain = tiny_plain()
+    h = model_hash(plain)
+    with torch.no_grad():
+        plain.convs[0].weight[0, 0, 0, 0] += 1e-3
+    assert model_hash(plain) != h
