@@ -87,6 +87,49 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# calibrate
+
+
+def _plain_of(ref: str | None):
+    """Load a checkpoint and fuse it (the check runs; a failure is a bug, not a user error)."""
+    from edgerepvgg.checkpoints import load_checkpoint
+    from edgerepvgg.fuse import fuse
+
+    model, meta = load_checkpoint(ref)
+    plain, _ = fuse(model, meta.input_spec)
+    return model, meta, plain
+
+
+def _constraints(args: argparse.Namespace):
+    from edgerepvgg.quant import constraints_for
+
+    return constraints_for(args.constraints, weight_bits=args.weight_bits)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from edgerepvgg.data import calibration_images
+    from edgerepvgg.quant.calibrate import calibrate, save_spec
+
+    _, meta, plain = _plain_of(args.checkpoint)
+    images = calibration_images(meta.input_spec, args.images)
+    constraints = _constraints(args)
+    spec = calibrate(plain, images, constraints, args.method, args.weight_method, args.percentile,
+                     batch_size=args.batch_size, progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+    out = save_spec(spec, args.output)
+    skipped = f", {len(images.skipped)} unreadable files skipped" if images.skipped else ""
+    print(f"calibrated {plain.name} on {len(images)} images from {images.source}{skipped}")
+    print(f"constraints {constraints.name}: activations {_grid(constraints.activation)}, weights {_grid(constraints.weight)}"
+          f"{', bias float' if not constraints.int_bias else ''}; method {args.method}, weights {args.weight_method}")  # fmt: skip
+    print(f"wrote {out} (sha256 {spec.sha256[:12]})")
+    return 0
+
+
+def _grid(scheme) -> str:
+    kind = ("s" if scheme.signed else "u") + str(scheme.bits)
+    return f"{kind} {'symmetric' if scheme.symmetric else 'affine'}{' per-channel' if scheme.per_channel else ''}"
+
+
+# ---------------------------------------------------------------------------------------------
 # train
 
 
@@ -131,6 +174,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 # parser
 
 
+def _quant_args(s: argparse.ArgumentParser) -> None:
+    from edgerepvgg.quant import CONSTRAINT_SETS
+    from edgerepvgg.quant.calibrate import WEIGHT_METHODS
+    from edgerepvgg.quant.observers import OBSERVERS
+
+    s.add_argument("--constraints", default="tensorrt", choices=list(CONSTRAINT_SETS),
+                   help="integer scheme of the target's kernels (default tensorrt)")  # fmt: skip
+    s.add_argument("--weight-bits", type=int, help="override the weight bit width (default: 8, or 7 on x86 CPUs without VNNI for CPU targets)")
+    s.add_argument("--method", default="entropy", choices=list(OBSERVERS), help="activation range method (default entropy)")
+    s.add_argument("--weight-method", default="minmax", choices=list(WEIGHT_METHODS), help="per-channel weight range method")
+    s.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="edgerepvgg", description="RepVGG from training checkpoint to INT8 engines on edge targets.")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -152,6 +208,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="where to write the fused checkpoint (.safetensors)")
     s.add_argument("--half", action="store_true", help="store float16 weights")
     s.set_defaults(func=cmd_fuse)
+
+    s = sub.add_parser("calibrate", help="post-training calibration with sample images -> QuantSpec JSON")
+    s.add_argument("checkpoint", nargs="?", help=ckpt_help)
+    s.add_argument("--images", help="folder of calibration images (default: the bundled Fashion-MNIST set, for Fashion-MNIST models)")
+    _quant_args(s)
+    s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--no-cache", action="store_true", help="do not reuse or store activation statistics")
+    s.add_argument("-o", "--output", default="quant_spec.json", help="QuantSpec JSON to write (default quant_spec.json)")
+    s.set_defaults(func=cmd_calibrate)
 
     s = sub.add_parser("train", help="train a RepVGG/QARepVGG on Fashion-MNIST or an image folder (CPU)")
     s.add_argument("--model", default="A0", help="variant (default A0)")

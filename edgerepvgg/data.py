@@ -500,3 +500,34 @@ def fashion_mnist(split: str, spec: InputSpec, root: str | Path | None = None, l
     where = Path(root) if root is not None else FASHION_MNIST_DIR
     source = f"fashion-mnist:{split} ({where})"
     return TensorDataset(prepare_arrays(images, spec), torch.from_numpy(labels), spec, source, FASHION_MNIST_CLASSES)
+
+
+def is_fashion_mnist_spec(spec: InputSpec) -> bool:
+    return spec.class_names == FASHION_MNIST_CLASSES
+
+
+def calibration_images(spec: InputSpec, images: str | Path | None = None) -> TensorDataset:
+    """The images to calibrate with: ``images`` if given, else the bundled Fashion-MNIST set when
+    the model is a Fashion-MNIST model (no other model may calibrate on it silently)."""
+    if images is not None:
+        return load_images(images, spec)
+    if not is_fashion_mnist_spec(spec):
+        raise UserError("this model was not trained on Fashion-MNIST, so the bundled images do not fit it; pass --images DIR")
+    return image_files(bundled_calibration_dir(), spec)
+
+
+def evaluation_set(spec: InputSpec, images: str | Path | None = None, limit: int | None = None) -> TensorDataset:
+    """The labelled set to evaluate on: ``images`` (an image folder) if given; for a Fashion-MNIST
+    model, the full 10k test set when Debian's package is installed, else the bundled 1,000."""
+    if images is not None:
+        ds = image_folder(images, spec, spec.class_names or None)
+    elif not is_fashion_mnist_spec(spec):
+        raise UserError("this model was not trained on Fashion-MNIST; pass --eval-images DIR (one subfolder per class)")
+    elif fashion_mnist_available():
+        ds = fashion_mnist("test", spec)
+    else:
+        log.info("Fashion-MNIST test set not installed; evaluating on the bundled 1,000 test images")
+        ds = image_folder(bundled_eval_dir(), spec, spec.class_names)
+    if limit is not None and limit < len(ds):
+        ds = stratified_subset(ds, max(1, limit // max(1, len(ds.class_names) or 1)))
+    return ds

@@ -24,3 +24,9 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
 @pytest.fixture
 def rand_bn():
     return randomize_bn
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Calibration statistics are cached under XDG_CACHE_HOME: keep tests out of the real one."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))

@@ -1,0 +1,165 @@
+"""Post-training calibration: activation statistics from sample images, then a QuantSpec.
+
+The statistics (one growable histogram per activation point) are collected in one FP32 pass and
+cached on disk keyed by the model's hash and the images' fingerprint, so trying another method or
+constraint set never runs the model again. Same model + same images + same options -> the same
+JSON, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from edgerepvgg.data import TensorDataset
+from edgerepvgg.errors import UserError
+from edgerepvgg.io import write_text_atomic
+from edgerepvgg.plain import PlainNet
+from edgerepvgg.quant.observers import OBSERVERS, Histogram, activation_range, weight_scales
+from edgerepvgg.quant.spec import Constraints, LayerQuant, QuantSpec, TensorQuant, model_hash, qparams
+
+log = logging.getLogger(__name__)
+
+WEIGHT_METHODS = ("minmax", "mse")
+
+
+def fingerprint(dataset: TensorDataset) -> str:
+    """Hash of the preprocessed images: identical tensors, identical statistics."""
+    h = hashlib.sha256(dataset.images.contiguous().numpy().tobytes())
+    h.update(str(tuple(dataset.images.shape)).encode())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class CalibrationStats:
+    """Per-activation-point histograms of one model over one image set."""
+
+    model_hash: str
+    fingerprint: str
+    images: int
+    source: str
+    histograms: dict[str, Histogram]
+
+    def to_json(self) -> str:
+        return json.dumps({"model_hash": self.model_hash, "fingerprint": self.fingerprint, "images": self.images,
+                           "source": self.source, "histograms": {k: h.to_dict() for k, h in self.histograms.items()}},
+                          sort_keys=True)  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str) -> "CalibrationStats":
+        d = json.loads(text)
+        hists = {k: Histogram.from_dict(v) for k, v in d["histograms"].items()}
+        return cls(d["model_hash"], d["fingerprint"], d["images"], d["source"], hists)
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "edgerepvgg" / "calibration"
+
+
+@torch.no_grad()
+def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True) -> CalibrationStats:
+    """Run the FP32 PlainNet over the images once, histogramming every activation point."""
+    from tqdm import tqdm
+
+    if len(dataset) == 0:
+        raise UserError(f"no calibration images in {dataset.source}; pass --images DIR with a few hundred images")
+    hists = {name: Histogram() for name in plain.activation_points()}
+    plain = plain.eval()
+    total = (len(dataset) + batch_size - 1) // batch_size
+    for x, _ in tqdm(dataset.batches(batch_size), total=total, desc="calibrating", disable=not progress, leave=False):
+        plain(x, observe=lambda name, t: hists[name].update(t))
+    return CalibrationStats(model_hash(plain), fingerprint(dataset), len(dataset), dataset.source, hists)
+
+
+def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
+                 cache: Path | None = None) -> CalibrationStats:  # fmt: skip
+    """``collect_stats`` through an on-disk cache (``cache=None``: the user cache directory)."""
+    path = (cache or cache_dir()) / f"{model_hash(plain)}-{fingerprint(dataset)}.json"
+    if path.is_file():
+        try:
+            stats = CalibrationStats.from_json(path.read_text())
+            log.info("reusing calibration statistics from %s", path)
+            return stats
+        except (ValueError, KeyError, TypeError) as exc:
+            log.warning("ignoring damaged statistics cache %s (%s)", path, exc)
+    stats = collect_stats(plain, dataset, batch_size, progress)
+    try:
+        write_text_atomic(path, stats.to_json())
+    except OSError as exc:  # a read-only home must not stop calibration
+        log.warning("could not cache calibration statistics at %s (%s)", path, exc)
+    return stats
+
+
+def _tensor_quant(lo: float, hi: float, scheme) -> TensorQuant:
+    scale, zp = qparams(lo, hi, scheme)
+    return TensorQuant(scheme, (scale,), (zp,))
+
+
+def make_spec(
+    plain: PlainNet,
+    stats: CalibrationStats,
+    constraints: Constraints,
+    method: str = "entropy",
+    weight_method: str = "minmax",
+    percentile: float = 99.99,
+    per_tensor_weights: bool = False,
+) -> QuantSpec:
+    """Turn statistics into a QuantSpec for ``constraints``. ``per_tensor_weights`` gives every
+    channel of a layer the same (largest) scale: naive PTQ, kept to show what per-channel buys."""
+    if method not in OBSERVERS:
+        raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(OBSERVERS)}")
+    if weight_method not in WEIGHT_METHODS:
+        raise UserError(f"unknown weight method {weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+    if stats.model_hash != model_hash(plain):
+        raise UserError("these calibration statistics were collected on another model; recalibrate")
+    act = constraints.activation
+
+    def act_quant(point: str) -> TensorQuant:
+        lo, hi = activation_range(stats.histograms[point], method, act, percentile)
+        return _tensor_quant(lo, hi, act)
+
+    layers = []
+    for name, module in zip([f"convs.{i}" for i in range(len(plain.convs))] + ["head"], [*plain.convs, plain.head]):
+        scales = weight_scales(module.weight.detach(), constraints.weight, weight_method)
+        if per_tensor_weights:
+            scales = torch.full_like(scales, float(scales.max()))
+        weight = TensorQuant(constraints.weight, tuple(float(s) for s in scales), (0,) * len(scales))
+        layers.append(LayerQuant(name, act_quant(name), weight))
+    output = act_quant("output") if constraints.int_output else None
+    calibration = {"method": method, "weight_method": weight_method, "images": stats.images, "source": stats.source,
+                   "fingerprint": stats.fingerprint}  # fmt: skip
+    if method == "percentile":
+        calibration["percentile"] = percentile
+    if per_tensor_weights:
+        calibration["per_tensor_weights"] = True
+    return QuantSpec(constraints, tuple(layers), act_quant("pool"), output, stats.model_hash, calibration)
+
+
+def calibrate(
+    plain: PlainNet,
+    dataset: TensorDataset,
+    constraints: Constraints,
+    method: str = "entropy",
+    weight_method: str = "minmax",
+    percentile: float = 99.99,
+    batch_size: int = 64,
+    progress: bool = True,
+    cache: Path | None | bool = None,
+) -> QuantSpec:
+    """Calibrate ``plain`` on ``dataset`` for ``constraints``; ``cache=False`` disables the cache."""
+    if cache is False:
+        stats = collect_stats(plain, dataset, batch_size, progress)
+    else:
+        stats = cached_stats(plain, dataset, batch_size, progress, cache or None)
+    return make_spec(plain, stats, constraints, method, weight_method, percentile)
+
+
+def save_spec(spec: QuantSpec, path: str | Path) -> Path:
+    return write_text_atomic(path, spec.to_json() + "\n")
