@@ -46,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 import edgerepvgg
+from common import CPU_FLAGS, machine_info, md_table
 from edgerepvgg.fuse import compare_outputs
 from edgerepvgg.io import atomic_path, write_text_atomic
 
@@ -53,7 +54,6 @@ log = logging.getLogger("fuse_speed")
 
 FORMS = ("train", "fused")
 RUNTIMES = ("torch", "ort")
-CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_tile")
 
 
 class Config(NamedTuple):
@@ -92,31 +92,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.rounds < 1 or args.warmup < 0 or args.threads < 1 or min(args.batches) < 1:
         p.error("--rounds, --threads and every batch must be >= 1, --warmup >= 0")
     return args
-
-
-def machine_info(threads: int) -> dict[str, Any]:
-    """What the numbers were measured on: CPU, cores, relevant ISA flags, library versions."""
-    cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
-    fields = {k.strip(): v.strip() for k, v in fields.items()}
-    flags = set(fields.get("flags", "").split())
-    return {
-        "cpu": fields.get("model name", platform.processor() or "unknown"),
-        "cpu_family_model": f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}",
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)),
-        "isa": [f for f in CPU_FLAGS if f in flags],
-        "hypervisor": "hypervisor" in flags,
-        "threads": threads,
-        "load_avg_start": list(os.getloadavg()),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "onnxruntime": ort.__version__,
-        "onnx": onnx.__version__,
-        "onnxsim": onnxsim.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
 
 
 @torch.no_grad()
@@ -250,12 +225,6 @@ def summarize(samples: dict[Config, list[float]], batches: list[int]) -> tuple[l
                            "per_round_p10": float(np.percentile(per_round, 10)),
                            "per_round_p90": float(np.percentile(per_round, 90))})  # fmt: skip
     return rows, ratios
-
-
-def md_table(header: list[str], rows: list[list[Any]], align: str) -> list[str]:
-    """A Markdown table; ``align`` has one character per column, ``l`` or ``r``."""
-    rule = ["---:" if a == "r" else "---" for a in align]
-    return ["| " + " | ".join(map(str, row)) + " |" for row in [header, rule, *rows]]
 
 
 def machine_lines(m: dict[str, Any], s: dict[str, Any]) -> list[str]:

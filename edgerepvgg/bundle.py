@@ -89,6 +89,32 @@ def write_calibration_set(
     return counts
 
 
+def bundle_model(src: str | Path, dst: str | Path, command: str) -> dict:
+    """Ship a trained checkpoint in the package: evaluate it in FP32 on the full Fashion-MNIST test
+    set, store it in float16, evaluate the stored copy, and refuse if the accuracy moved.
+    ``command`` (the exact training command) is recorded in the metadata."""
+    from dataclasses import replace
+
+    from edgerepvgg.checkpoints import load_checkpoint, save_checkpoint
+    from edgerepvgg.data import fashion_mnist
+    from edgerepvgg.evaluate import predict, topk_accuracy
+
+    model, meta = load_checkpoint(src)
+    test = fashion_mnist("test", meta.input_spec)
+    top1 = topk_accuracy(predict(model, test), test.labels)
+    extra = {k: v for k, v in meta.extra.items() if k != "history"}
+    extra.update(eval_top1=top1, eval_set=test.source, train_command=command, stored="float16",
+                 epochs_trained=len(meta.extra.get("history", [])))  # fmt: skip
+    save_checkpoint(dst, model, replace(meta, extra=extra), half=True)
+    stored, _ = load_checkpoint(dst)
+    top1_stored = topk_accuracy(predict(stored, test), test.labels)
+    if top1_stored != top1:
+        Path(dst).unlink()
+        raise UserError(f"float16 storage changed top-1 from {top1:.4f} to {top1_stored:.4f}; ship float32 instead")
+    log.info("bundled %s: top-1 %.4f on %s (unchanged in float16)", dst, top1, test.source)
+    return {"top1": top1, "eval_set": test.source, "bytes": Path(dst).stat().st_size}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m edgerepvgg.bundle", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", type=Path, help="e.g. calibration/fashion-mnist")

@@ -21,4 +21,4 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
     if logits.shape[0] == 0:
         raise ValueError("no samples to score")
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
-    return float((top == labels.reshape(-1, 1)).any(dim=1).float().mean())
+    return float((top == labels.reshape(-1, 1)).any(dim=1).double().mean())
