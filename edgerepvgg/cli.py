@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -110,11 +111,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgerepvgg.data import calibration_images
     from edgerepvgg.quant.calibrate import calibrate, save_spec
 
+    _check_eval_args(args)
     _, meta, plain = _plain_of(args.checkpoint)
     images = calibration_images(meta.input_spec, args.images)
     constraints = _constraints(args)
     spec = calibrate(plain, images, constraints, args.method, args.weight_method, args.percentile,
                      batch_size=args.batch_size, progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+    if args.max_drop is not None:
+        spec = _mixed_precision(args, meta, plain, spec)
+        if spec is None:
+            return 1
     out = save_spec(spec, args.output)
     skipped = f", {len(images.skipped)} unreadable files skipped" if images.skipped else ""
     print(f"calibrated {plain.name} on {len(images)} images from {images.source}{skipped}")
@@ -127,6 +133,63 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 def _grid(scheme) -> str:
     kind = ("s" if scheme.signed else "u") + str(scheme.bits)
     return f"{kind} {'symmetric' if scheme.symmetric else 'affine'}{' per-channel' if scheme.per_channel else ''}"
+
+
+def _check_eval_args(args: argparse.Namespace) -> None:
+    if getattr(args, "eval_limit", 1) < 1:
+        raise UserError(f"--eval-limit must be at least 1, got {args.eval_limit}")
+    max_drop = getattr(args, "max_drop", None)
+    if max_drop is not None and not max_drop >= 0:
+        raise UserError(f"--max-drop must be a non-negative number of top-1 points, got {max_drop}")
+
+
+def _mixed_precision(args: argparse.Namespace, meta, plain, spec):
+    """Keep the most sensitive layers in float until the gate holds; ``None`` when it cannot."""
+    from edgerepvgg.data import evaluation_set
+    from edgerepvgg.quant.mixed import keep_sensitive_layers
+
+    eval_set = evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
+    spec, trace = keep_sensitive_layers(plain, spec, eval_set, args.max_drop, progress=not args.quiet)
+    record = spec.calibration["mixed_precision"]
+    print(f"accuracy gate {args.max_drop:g} pt on {len(eval_set)} images of {eval_set.source}: FP32 top-1 {100 * record['fp32_top1']:.2f}%")
+    for entry in trace:
+        what = "all INT8" if entry["layer"] is None else f"+ {entry['layer']} in float"
+        print(f"  {what:<24} top-1 {100 * entry['top1']:.2f}% ({-entry['drop']:+.2f} pt)")
+    if record["status"] != "met":
+        print(f"edgerepvgg calibrate: accuracy gate not met: {record['message']}; no QuantSpec written", file=sys.stderr)
+        return None
+    kept = [k["layer"] for k in record["kept_float"]]
+    print(f"gate met with {len(kept)} layer(s) in float: {', '.join(kept) or 'none'}")
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# analyze
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from edgerepvgg.data import calibration_images, evaluation_set
+    from edgerepvgg.quant.analysis import TABLE_LEGEND, analyze, summary, table, write
+
+    _check_eval_args(args)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; pass -o a folder for analysis.json and analysis.png")
+    _, meta, plain = _plain_of(args.checkpoint)
+    images = calibration_images(meta.input_spec, args.images)
+    eval_set = evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
+    constraints = _constraints(args)
+    result = analyze(plain, images, eval_set, constraints, args.method, args.weight_method, args.percentile,
+                     batch_size=args.batch_size, progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+    json_path, png_path = write(result, out_dir)
+    print(f"{plain.name} for {constraints.name} (activations {_grid(constraints.activation)}, weights {_grid(constraints.weight)}): "
+          f"statistics from {len(images)} images of {images.source}, accuracy on {len(eval_set)} images of {eval_set.source}")  # fmt: skip
+    print(table(result))
+    print(TABLE_LEGEND)
+    print()
+    print(summary(result))
+    print(f"wrote {json_path} and {png_path}")
+    return 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -164,9 +227,81 @@ def cmd_train(args: argparse.Namespace) -> int:
                          warmup_epochs=args.warmup_epochs, seed=args.seed)  # fmt: skip
     train_set, eval_set = _training_data(args)
     _, meta = train(config, train_set, eval_set, args.out, resume=args.resume, progress=not args.quiet)
+    if not _main_rank():
+        return 0
     if "eval_top1" in meta.extra:
         print(f"top-1 {meta.extra['eval_top1']:.4f} on {meta.extra['eval_set']}")
     print(f"wrote {Path(args.out) / MODEL_FILE}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# qat
+
+
+def _main_rank() -> bool:
+    """False in the non-zero ranks of a ``torchrun`` job, which stay silent."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _qat_data(args: argparse.Namespace, spec):
+    """Training and evaluation sets preprocessed with the model's own input spec."""
+    from edgerepvgg.data import fashion_mnist, image_folder, is_fashion_mnist_spec
+
+    data = args.data or ("fashion-mnist" if is_fashion_mnist_spec(spec) else None)
+    if data is None:
+        raise UserError("this model was not trained on Fashion-MNIST; pass --data (a folder with train/ [val/] class subfolders)")
+    if data == "fashion-mnist" or (Path(data).is_dir() and any(Path(data).glob("*idx*-ubyte*"))):
+        root = None if data == "fashion-mnist" else data
+        return fashion_mnist("train", spec, root), fashion_mnist("test", spec, root)
+    root = Path(data)
+    if not (root / "train").is_dir():
+        raise UserError(f"--data {data}: expected 'fashion-mnist', a folder of Fashion-MNIST IDX files, or a folder with train/ (and val/) image folders")
+    names = spec.class_names or None
+    val_set = image_folder(root / "val", spec, names) if (root / "val").is_dir() else None
+    return image_folder(root / "train", spec, names), val_set
+
+
+def cmd_qat(args: argparse.Namespace) -> int:
+    import torch
+
+    from edgerepvgg.data import calibration_images, is_fashion_mnist_spec, stratified_subset
+    from edgerepvgg.quant import load_spec
+    from edgerepvgg.quant.calibrate import calibrate
+    from edgerepvgg.quant.qat import QATConfig, qat
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = QATConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                       weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, distill_alpha=args.distill_alpha,
+                       temperature=args.temperature, learn_scales=args.learn_scales, seed=args.seed)  # fmt: skip
+    _, meta, plain = _plain_of(args.checkpoint)
+    train_set, eval_set = _qat_data(args, meta.input_spec)
+    if args.spec:
+        spec, start = load_spec(args.spec), f"QuantSpec {args.spec}"
+    else:
+        if args.images or is_fashion_mnist_spec(meta.input_spec):
+            images = calibration_images(meta.input_spec, args.images)
+        elif len(train_set) <= 256:  # no calibration images of its own: (a sample of) the training set
+            images = train_set
+        else:
+            images = stratified_subset(train_set, max(1, 256 // (int(train_set.labels.max()) + 1)))
+        spec = calibrate(plain, images, _constraints(args), args.method, args.weight_method, args.percentile,
+                         progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+        start = f"calibration on {len(images)} images of {images.source} ({args.method})"
+    _, fine_spec, metrics = qat(plain, spec, train_set, eval_set, config, args.out, resume=args.resume, progress=not args.quiet)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    if not _main_rank():
+        return 0
+    c = fine_spec.constraints
+    print(f"fine-tuned {plain.name} for {c.name} (activations {_grid(c.activation)}, weights {_grid(c.weight)}) "
+          f"on {train_set.source}, starting from {start}")  # fmt: skip
+    if "qat_top1" in metrics:
+        print(f"top-1 on {len(eval_set)} images of {metrics['eval_set']}: FP32 {100 * metrics['fp32_top1']:.2f}%, "
+              f"PTQ {100 * metrics['ptq_top1']:.2f}%, QAT {100 * metrics['qat_top1']:.2f}% (quantized: integer emulation)")
+        print(f"the exported spec reproduces {100 * metrics['emulation_agreement']:.2f}% of the fake-quant model's top-1")
+    print(f"wrote {metrics['model_file']} (fused checkpoint) and {metrics['spec_file']} (sha256 {fine_spec.sha256[:12]})")
     return 0
 
 
@@ -216,7 +351,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=64)
     s.add_argument("--no-cache", action="store_true", help="do not reuse or store activation statistics")
     s.add_argument("-o", "--output", default="quant_spec.json", help="QuantSpec JSON to write (default quant_spec.json)")
+    s.add_argument("--max-drop", type=float, metavar="PTS", help="accuracy gate: keep the most sensitive layers in float until "
+                   "INT8 top-1 is at most PTS points below FP32 (mixed precision)")  # fmt: skip
+    s.add_argument("--eval-images", help="labelled image folder for --max-drop (default: the Fashion-MNIST test set)")
+    s.add_argument("--eval-limit", type=int, default=1000, help="class-balanced evaluation images for --max-drop (default 1000)")
     s.set_defaults(func=cmd_calibrate)
+
+    s = sub.add_parser("analyze", help="why a model will or won't quantize: per-layer weights, activations, sensitivity; table + plot")
+    s.add_argument("checkpoint", nargs="?", help=ckpt_help)
+    s.add_argument("--images", help="folder of calibration images (default: the bundled Fashion-MNIST set, for Fashion-MNIST models)")
+    s.add_argument("--eval-images", help="labelled image folder, one subfolder per class (default: the Fashion-MNIST test set)")
+    s.add_argument("--eval-limit", type=int, default=1000, help="class-balanced evaluation images for the sensitivities (default 1000)")
+    _quant_args(s)
+    s.add_argument("--batch-size", type=int, default=256)
+    s.add_argument("--no-cache", action="store_true", help="do not reuse or store activation statistics")
+    s.add_argument("-o", "--output", default="analysis", help="folder for analysis.json and analysis.png (default analysis)")
+    s.set_defaults(func=cmd_analyze)
 
     s = sub.add_parser("train", help="train a RepVGG/QARepVGG on Fashion-MNIST or an image folder (CPU)")
     s.add_argument("--model", default="A0", help="variant (default A0)")
@@ -236,11 +386,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/train", help="output folder: last.pt every epoch, model.safetensors at the end")
     s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     s.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("qat", help="quantization-aware fine-tuning of the fused net -> checkpoint + QuantSpec (torchrun-ready)")
+    s.add_argument("checkpoint", nargs="?", help=ckpt_help)
+    s.add_argument("--data", help="'fashion-mnist', a folder of its IDX files, or a folder with train/ [val/] class subfolders "
+                   "(default: fashion-mnist for Fashion-MNIST models)")  # fmt: skip
+    s.add_argument("--images", help="calibration images for the starting spec (default: the bundled set for Fashion-MNIST "
+                   "models, else 256 training images)")  # fmt: skip
+    s.add_argument("--spec", help="start from this QuantSpec JSON instead of calibrating")
+    _quant_args(s)
+    s.add_argument("--no-cache", action="store_true", help="do not reuse or store activation statistics")
+    s.add_argument("--epochs", type=int, default=3)
+    s.add_argument("--batch-size", type=int, default=64, help="global batch; under torchrun split evenly among the processes")
+    s.add_argument("--optimizer", default="adamw", choices=["sgd", "adamw"])
+    s.add_argument("--lr", type=float, default=1e-4)
+    s.add_argument("--weight-decay", type=float, default=0.0)
+    s.add_argument("--warmup-epochs", type=float, default=0.0)
+    s.add_argument("--learn-scales", action="store_true", help="learn activation and weight scales (LSQ)")
+    s.add_argument("--distill-alpha", type=float, default=0.5, help="weight of distillation from the FP32 net (0: labels only)")
+    s.add_argument("--temperature", type=float, default=4.0, help="distillation temperature")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--threads", type=int, help="torch intra-op threads per process (default: all cores)")
+    s.add_argument("--out", default="runs/qat", help="output folder: last.pt every epoch, model.safetensors + quant_spec.json at the end")
+    s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+    s.set_defaults(func=cmd_qat)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.quiet = args.quiet or not _main_rank()  # other torchrun ranks: warnings only, no progress bars
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:

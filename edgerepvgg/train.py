@@ -4,15 +4,26 @@ Deterministic by construction: the shuffling and augmentation of epoch ``e`` dep
 ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e`` continues exactly as the
 uninterrupted run would have. A checkpoint is written atomically after every epoch; a kill
 mid-epoch loses at most that epoch.
+
+The epoch loop (:func:`run_epochs`) is shared with quantization-aware fine-tuning
+(:mod:`edgerepvgg.quant.qat`), and so is its data-parallel mode: launched by ``torchrun``, every
+rank draws the same per-epoch permutation and augmentation and takes its own slice of each global
+batch (``batch_size / world_size`` images); DistributedDataParallel averages the gradients, so
+the run computes what one process with the same global batch computes, up to float summation
+order. Rank 0 alone reports and writes files. BatchNorm statistics stay per rank in ``train``
+(torchvision's reference default without ``--sync-bn``); QAT keeps them frozen.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -55,7 +66,22 @@ class TrainConfig:
             raise UserError("epochs, batch size and learning rate must be positive")
 
 
-def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
+class Recipe(Protocol):
+    """What the shared loop reads from a run's config (:class:`TrainConfig`, ``QATConfig``)."""
+
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    crop_padding: int
+    hflip: bool
+    erase_prob: float
+    seed: int
+
+
+def lr_at(config: Recipe, step: int, steps_per_epoch: int) -> float:
     """Linear warm-up, then cosine decay to zero over the remaining steps."""
     warm = int(config.warmup_epochs * steps_per_epoch)
     total = config.epochs * steps_per_epoch
@@ -65,7 +91,7 @@ def lr_at(config: TrainConfig, step: int, steps_per_epoch: int) -> float:
     return 0.5 * config.lr * (1 + math.cos(math.pi * progress))
 
 
-def augment(images: torch.Tensor, config: TrainConfig, gen: torch.Generator) -> torch.Tensor:
+def augment(images: torch.Tensor, config: Recipe, gen: torch.Generator) -> torch.Tensor:
     """Random crop with zero padding, horizontal flip and random erasing on a uint8 NCHW batch."""
     n, _, h, w = images.shape
     out = images.clone()
@@ -99,21 +125,24 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: Recipe) -> torch.optim.Optimizer:
     groups = _param_groups(model, config.weight_decay)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.lr, momentum=0.9, nesterov=True)
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, config: TrainConfig, history: list) -> None:
+def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, config: Recipe, history: list,
+                **extra) -> None:  # fmt: skip
+    """Atomic checkpoint of a run after ``epoch`` epochs; ``extra`` adds keys (plain data only:
+    the file must load with ``torch.load(weights_only=True)``)."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-             "config": asdict(config), "history": history}  # fmt: skip
+             "config": asdict(config), "history": history, **extra}  # fmt: skip
     with atomic_path(path) as tmp:
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, config: TrainConfig) -> dict:
+def _load_state(path: Path, config: Recipe) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or foreign file: say which, do not guess
@@ -122,6 +151,154 @@ def _load_state(path: Path, config: TrainConfig) -> dict:
         diff = {k: (v, asdict(config).get(k)) for k, v in state.get("config", {}).items() if asdict(config).get(k) != v}
         raise UserError(f"{path} was written by a run with other settings {diff}; use the same settings or another --out")
     return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Data parallelism (torchrun) and the shared epoch loop
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process stands in a data-parallel job; rank 0 of 1 when run plainly."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one process that reports and writes files."""
+        return self.rank == 0
+
+    def per_rank_batch(self, batch_size: int) -> int:
+        """This rank's share of a global batch; the global batch must split evenly."""
+        if batch_size % self.world_size:
+            raise UserError(
+                f"--batch-size {batch_size} is the global batch and must divide evenly among the {self.world_size} "
+                f"processes; use a multiple of {self.world_size}"
+            )
+        return batch_size // self.world_size
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """``model`` in DistributedDataParallel when there is more than one rank."""
+        if self.world_size == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids)
+
+    def broadcast(self, obj):
+        """Rank 0's ``obj`` on every rank (identity on one), e.g. the QuantSpec all ranks train with."""
+        if self.world_size == 1:
+            return obj
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all ranks (identity on one)."""
+        if self.world_size == 1:
+            return values
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+
+def init_distributed() -> Dist:
+    """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE``,
+    ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``), or the one the caller already set up:
+    NCCL on CUDA machines, else Gloo on the CPU. Without either: a single process."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        return Dist()
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return Dist()
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if dist.get_backend() == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The one random stream of an epoch (its permutation, then its augmentation)."""
+    return torch.Generator().manual_seed(seed * 100_003 + epoch)
+
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def run_epochs(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    config: Recipe,
+    train_set: TensorDataset,
+    step: Step,
+    start: int = 0,
+    history: list[dict] | None = None,
+    evaluate: Callable[[], dict] | None = None,
+    save: Callable[[int, list[dict]], None] | None = None,
+    dist: Dist | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Epochs ``start .. config.epochs - 1``: each draws its permutation and augmentation from
+    :func:`epoch_generator`, runs ``step(x, y) -> (loss, logits)`` on this rank's share of every
+    global batch with the learning rate of :func:`lr_at`, then (rank 0) ``evaluate()`` and
+    ``save(epoch_done, history)``. Returns the history (one record per epoch, all epochs)."""
+    from tqdm import tqdm
+
+    dist = dist or Dist()
+    history = list(history or [])
+    spec = train_set.spec
+    n, batch = len(train_set), config.batch_size
+    share = dist.per_rank_batch(batch)
+    mine = slice(dist.rank * share, (dist.rank + 1) * share)
+    steps = n // batch  # drop the last partial batch: BN dislikes tiny batches
+    if steps == 0:
+        raise UserError(f"{n} training images are fewer than one batch of {batch}; lower --batch-size")
+    for epoch in range(start, config.epochs):
+        gen = epoch_generator(config.seed, epoch)
+        perm = torch.randperm(n, generator=gen)
+        model.train()
+        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
+        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not (progress and dist.main),
+                   leave=False, mininterval=2)  # fmt: skip
+        for i in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(config, epoch * steps + i, steps)
+            idx = perm[i * batch : (i + 1) * batch]
+            # Every rank augments the whole global batch, so the stream stays the same everywhere.
+            images = augment(train_set.images[idx], config, gen)[mine]
+            x, y = spec.normalize(images).to(dist.device), train_set.labels[idx][mine].to(dist.device)
+            loss, logits = step(x, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            seen += len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += float(loss.detach()) * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
+        bar.close()
+        loss_sum, correct, seen = dist.sum([loss_sum, correct, seen])
+        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen, "images": int(seen),
+                  "seconds": time.time() - t0}  # fmt: skip
+        if dist.main and evaluate is not None:
+            record.update(evaluate())
+        history.append(record)
+        if dist.main:
+            log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
+                     ", ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items() if k != "epoch"))  # fmt: skip
+            if save is not None:
+                save(epoch + 1, history)
+    return history
 
 
 def train(
@@ -133,15 +310,16 @@ def train(
     progress: bool = True,
 ) -> tuple[nn.Module, ModelMeta]:
     """Train ``config.model`` on ``train_set``; checkpoint to ``out_dir`` every epoch; return the
-    trained model (eval mode) and its metadata, also written to ``out_dir/model.safetensors``."""
-    from tqdm import tqdm
-
+    trained model (eval mode) and its metadata, also written to ``out_dir/model.safetensors``
+    (by rank 0 under ``torchrun``; see :func:`run_epochs`)."""
     out_dir = Path(out_dir)
     spec = train_set.spec
     num_classes = len(spec.class_names) or int(train_set.labels.max()) + 1
+    dist = init_distributed()
+    dist.per_rank_batch(config.batch_size)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=num_classes, in_chans=spec.channels, block=config.block)
-    model = model.to(memory_format=torch.channels_last)
+    model = model.to(dist.device, memory_format=torch.channels_last)
     opt = make_optimizer(model, config)
     history: list[dict] = []
     start = 0
@@ -150,51 +328,31 @@ def train(
         if not state_path.is_file():
             raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
         state = _load_state(state_path, config)
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])  # before DDP wraps it: every rank loads the same file
         opt.load_state_dict(state["optimizer"])
         start, history = state["epoch"], list(state["history"])
         log.info("resumed from %s after epoch %d", state_path, start)
 
-    n = len(train_set)
-    steps = n // config.batch_size  # drop the last partial batch: BN dislikes tiny batches
-    if steps == 0:
-        raise UserError(f"{n} training images are fewer than one batch of {config.batch_size}; lower --batch-size")
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    for epoch in range(start, config.epochs):
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
-        perm = torch.randperm(n, generator=gen)
-        model.train()
-        t0, seen, correct, loss_sum = time.time(), 0, 0, 0.0
-        bar = tqdm(range(steps), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False, mininterval=2)
-        for i in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(config, epoch * steps + i, steps)
-            idx = perm[i * config.batch_size : (i + 1) * config.batch_size]
-            x = spec.normalize(augment(train_set.images[idx], config, gen)).contiguous(memory_format=torch.channels_last)
-            y = train_set.labels[idx]
-            logits = model(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            seen += len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            loss_sum += float(loss.detach()) * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}")
-        bar.close()
-        record = {"epoch": epoch + 1, "loss": loss_sum / seen, "train_top1": correct / seen, "seconds": time.time() - t0}
-        if eval_set is not None:
-            model.eval()
-            record["eval_top1"] = topk_accuracy(predict(model, eval_set), eval_set.labels)
-        history.append(record)
-        log.info("epoch %d/%d: %s", epoch + 1, config.epochs,
-                 ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "epoch"))  # fmt: skip
-        _save_state(state_path, model, opt, epoch + 1, config, history)
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = ddp(x.contiguous(memory_format=torch.channels_last))
+        return loss_fn(logits, y), logits
 
-    model.eval()
+    def evaluate() -> dict:
+        model.eval()
+        return {"eval_top1": topk_accuracy(predict(lambda x: model(x.to(dist.device)).cpu(), eval_set), eval_set.labels)}
+
+    def save(epoch: int, history: list[dict]) -> None:
+        _save_state(state_path, model, opt, epoch, config, history)
+
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+    ddp = dist.wrap(model)
+    history = run_epochs(ddp, opt, config, train_set, step, start, history, evaluate if eval_set is not None else None,
+                         save, dist, progress)  # fmt: skip
+    model = model.cpu().eval()
     extra = {"train_config": asdict(config), "history": history, "train_set": train_set.source}
     if eval_set is not None and history:
         extra.update(eval_top1=history[-1].get("eval_top1"), eval_set=eval_set.source)
     meta = meta_for(model, spec, **extra)
-    save_checkpoint(out_dir / MODEL_FILE, model, meta)
+    if dist.main:
+        save_checkpoint(out_dir / MODEL_FILE, model, meta)
     return model, meta
