@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import argparse
 import collections
-import datetime
 import gc
 import io
 import json
 import logging
 import os
-import platform
 import sys
 import tempfile
 import time

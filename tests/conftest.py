@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -30,3 +32,38 @@ def rand_bn():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Calibration statistics are cached under XDG_CACHE_HOME: keep tests out of the real one."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+@pytest.fixture
+def one_thread():
+    """One torch thread: bitwise-reproducible runs, and no thread contention on 2 busy cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def fmnist_ckpt(tmp_path_factory) -> Path:
+    """A train-time A0 with the bundled models' input spec (random weights, randomized BN)."""
+    from edgerepvgg import create_model, save_checkpoint
+    from edgerepvgg.checkpoints import meta_for
+    from edgerepvgg.data import fashion_mnist_spec
+
+    model = randomize_bn(create_model("A0", num_classes=10, in_chans=1)).eval()
+    path = tmp_path_factory.mktemp("ckpt") / "a0.safetensors"
+    save_checkpoint(path, model, meta_for(model, fashion_mnist_spec()))
+    return path
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run the CLI in-process: ``code, stdout, stderr = cli("fuse", ...)``."""
+    from edgerepvgg.cli import main
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        code = main(list(argv))
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    return run

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +14,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from edgerepvgg import create_model, save_checkpoint
-from edgerepvgg.checkpoints import meta_for
-from edgerepvgg.cli import main
-from edgerepvgg.data import InputSpec, TensorDataset, fashion_mnist_spec
+from edgerepvgg.data import InputSpec, TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant import QuantSpec, Scheme, TensorQuant, constraints_for
@@ -35,18 +31,11 @@ from edgerepvgg.quant.analysis import (
 from edgerepvgg.quant.calibrate import collect_stats
 from edgerepvgg.quant.mixed import keep_sensitive_layers
 
-from conftest import randomize_bn
 
 BAD = "convs.2"  # the layer the constructed network breaks
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These networks are tiny: a second intra-op thread only adds contention on a busy machine."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny nets: a second thread only adds contention
 
 
 # ---------------------------------------------------------------------------------------------
@@ -236,23 +225,13 @@ def test_an_unreachable_gate_tries_every_layer_once_and_says_so(bad_analysis):
 # Commands
 
 
-@pytest.fixture(scope="module")
-def fmnist_ckpt(tmp_path_factory) -> Path:
-    model = randomize_bn(create_model("A0", num_classes=10, in_chans=1)).eval()
-    path = tmp_path_factory.mktemp("ckpt") / "a0.safetensors"
-    save_checkpoint(path, model, meta_for(model, fashion_mnist_spec()))
-    return path
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
-def test_analyze_command_writes_json_and_png(capsys, fmnist_ckpt, tmp_path):
+def test_analyze_command_writes_json_and_png(cli, fmnist_ckpt, tmp_path):
     out_dir = tmp_path / "report"
-    code, out, _ = run(capsys, "-q", "analyze", str(fmnist_ckpt), "--method", "percentile", "--eval-limit", "20", "-o", str(out_dir))
+    code, out, _ = cli("-q", "analyze", str(fmnist_ckpt), "--method", "percentile", "--eval-limit", "20", "-o", str(out_dir))
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith(("convs.", "pool", "head"))]
     assert len(rows) == 24 and "FP32 top-1" in out and "most sensitive, naive:" in out
@@ -273,18 +252,18 @@ def test_analyze_command_writes_json_and_png(capsys, fmnist_ckpt, tmp_path):
         (["calibrate", "{ckpt}", "--max-drop", "-1"], "--max-drop must be a non-negative"),
     ],
 )
-def test_analyze_mistakes_are_one_line(capsys, tmp_path, fmnist_ckpt, argv, message):
+def test_analyze_mistakes_are_one_line(cli, tmp_path, fmnist_ckpt, argv, message):
     (tmp_path / "file.txt").write_text("x")
     subs = {"ckpt": str(fmnist_ckpt), "file": str(tmp_path / "file.txt"), "missing": str(tmp_path / "nope")}
-    code, _, err = run(capsys, "-q", *[a.format(**subs) for a in argv])
+    code, _, err = cli("-q", *[a.format(**subs) for a in argv])
     assert code == 2
     lines = [ln for ln in err.splitlines() if "error:" in ln]
     assert len(lines) == 1 and message.format(**subs).lower() in lines[0].lower() and "Traceback" not in err
 
 
-def test_calibrate_with_a_gate_records_mixed_precision(capsys, fmnist_ckpt, tmp_path, monkeypatch):
+def test_calibrate_with_a_gate_records_mixed_precision(cli, fmnist_ckpt, tmp_path, monkeypatch):
     out = tmp_path / "spec.json"
-    code, text, _ = run(capsys, "-q", "calibrate", str(fmnist_ckpt), "--method", "minmax", "--max-drop", "100",
+    code, text, _ = cli("-q", "calibrate", str(fmnist_ckpt), "--method", "minmax", "--max-drop", "100",
                         "--eval-limit", "20", "-o", str(out))  # fmt: skip
     assert code == 0 and "gate met with 0 layer(s) in float" in text
     record = QuantSpec.from_json(out.read_text()).calibration["mixed_precision"]
@@ -299,6 +278,6 @@ def test_calibrate_with_a_gate_records_mixed_precision(capsys, fmnist_ckpt, tmp_
 
     monkeypatch.setattr(mixed, "keep_sensitive_layers", unmet)
     out2 = tmp_path / "spec2.json"
-    code, _, err = run(capsys, "-q", "calibrate", str(fmnist_ckpt), "--method", "minmax", "--max-drop", "0",
+    code, _, err = cli("-q", "calibrate", str(fmnist_ckpt), "--method", "minmax", "--max-drop", "0",
                        "--eval-limit", "20", "-o", str(out2))  # fmt: skip
     assert code == 1 and "accuracy gate not met" in err and not out2.exists()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from edgerepvgg import UserError, create_model, list_models
-from edgerepvgg.models import VARIANTS, QARepVGGBlock, RepVGGBlock
+from edgerepvgg.models import QARepVGGBlock, RepVGGBlock
 
 # Deploy-form parameter counts with 1000 classes, as published (RepVGG paper, Table 3 / official
 # README, in millions, truncated to two decimals) and the exact counts our builder gives.

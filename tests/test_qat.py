@@ -41,12 +41,7 @@ def bands(n: int, seed: int) -> TensorDataset:
     return TensorDataset(prepare_arrays(images, SPEC16), torch.from_numpy(labels.astype("int64")), SPEC16, f"bands(seed {seed})")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # bitwise-reproducible runs
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # bitwise-reproducible runs
 
 
 @pytest.fixture(scope="module")
