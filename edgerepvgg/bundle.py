@@ -102,7 +102,7 @@ def bundle_model(src: str | Path, dst: str | Path, command: str) -> dict:
     model, meta = load_checkpoint(src)
     test = fashion_mnist("test", meta.input_spec)
     top1 = topk_accuracy(predict(model, test), test.labels)
-    extra = {k: v for k, v in meta.extra.items() if k != "history"}
+    extra = dict(meta.extra)  # keeps the per-epoch history: a rerun of the command can be compared with it
     extra.update(eval_top1=top1, eval_set=test.source, train_command=command, stored="float16",
                  epochs_trained=len(meta.extra.get("history", [])))  # fmt: skip
     save_checkpoint(dst, model, replace(meta, extra=extra), half=True)
