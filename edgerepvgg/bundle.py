@@ -89,10 +89,15 @@ def write_calibration_set(
     return counts
 
 
+MAX_STORAGE_DROP = 0.001  # float16 weights may move top-1 by at most 0.1 pt
+
+
 def bundle_model(src: str | Path, dst: str | Path, command: str) -> dict:
-    """Ship a trained checkpoint in the package: evaluate it in FP32 on the full Fashion-MNIST test
-    set, store it in float16, evaluate the stored copy, and refuse if the accuracy moved.
-    ``command`` (the exact training command) is recorded in the metadata."""
+    """Ship a trained checkpoint in the package: store its conv/linear weights in float16 (to fit
+    the size budget) and measure the stored model in FP32 on the full Fashion-MNIST test set. The
+    shipped model *is* the stored one, so its top-1 is what the metadata records; the top-1 before
+    rounding is recorded beside it, and a change over 0.1 pt is refused. ``command`` (the exact
+    training command) is recorded too."""
     from dataclasses import replace
 
     from edgerepvgg.checkpoints import load_checkpoint, save_checkpoint
@@ -101,18 +106,19 @@ def bundle_model(src: str | Path, dst: str | Path, command: str) -> dict:
 
     model, meta = load_checkpoint(src)
     test = fashion_mnist("test", meta.input_spec)
-    top1 = topk_accuracy(predict(model, test), test.labels)
-    extra = dict(meta.extra)  # keeps the per-epoch history: a rerun of the command can be compared with it
-    extra.update(eval_top1=top1, eval_set=test.source, train_command=command, stored="float16",
-                 epochs_trained=len(meta.extra.get("history", [])))  # fmt: skip
-    save_checkpoint(dst, model, replace(meta, extra=extra), half=True)
+    trained = topk_accuracy(predict(model, test), test.labels)
+    save_checkpoint(dst, model, meta, half=True)
     stored, _ = load_checkpoint(dst)
-    top1_stored = topk_accuracy(predict(stored, test), test.labels)
-    if top1_stored != top1:
+    top1 = topk_accuracy(predict(stored, test), test.labels)
+    if abs(top1 - trained) > MAX_STORAGE_DROP:
         Path(dst).unlink()
-        raise UserError(f"float16 storage changed top-1 from {top1:.4f} to {top1_stored:.4f}; ship float32 instead")
-    log.info("bundled %s: top-1 %.4f on %s (unchanged in float16)", dst, top1, test.source)
-    return {"top1": top1, "eval_set": test.source, "bytes": Path(dst).stat().st_size}
+        raise UserError(f"float16 storage moved top-1 from {trained:.4f} to {top1:.4f}; ship float32 instead")
+    extra = dict(meta.extra)  # keeps the per-epoch history: a rerun of the command can be compared with it
+    extra.update(eval_top1=top1, eval_top1_before_float16=trained, eval_set=test.source, train_command=command,
+                 stored="float16 conv/linear weights, float32 BN and biases")  # fmt: skip
+    save_checkpoint(dst, stored, replace(meta, extra=extra), half=True)
+    log.info("bundled %s: top-1 %.4f on %s (%.4f before float16 storage)", dst, top1, test.source, trained)
+    return {"top1": top1, "top1_before_float16": trained, "eval_set": test.source, "bytes": Path(dst).stat().st_size}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,14 +81,15 @@ def meta_for(model: RepVGG, input_spec: InputSpec | None = None, **extra) -> Mod
 
 
 def save_checkpoint(path: str | Path, model: RepVGG, meta: ModelMeta, half: bool = False) -> Path:
-    """Write model weights and metadata as one safetensors file, atomically. ``half`` stores
-    float16 (loading casts back to float32)."""
+    """Write model weights and metadata as one safetensors file, atomically. ``half`` stores conv
+    and linear weights in float16 (loading casts back to float32); BN statistics and biases stay
+    float32, where float16 would move predictions."""
     from safetensors.torch import save_file
 
     tensors = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
-        if half and v.is_floating_point():
+        if half and v.is_floating_point() and v.ndim > 1:  # weights only: BN statistics stay float32
             v = v.half()
         tensors[k] = v.contiguous()
     with atomic_path(path) as tmp:
