@@ -91,7 +91,7 @@ def fuse(model: RepVGG, input_spec: InputSpec | None = None, check: bool = True)
     plain = to_plain(model, input_spec)
     results = check_equivalence(model, plain) if check else []
     for r in results:
-        log.info("fusion check %s", r)
+        log.debug("fusion check %s", r)
         if not r.ok:
             raise AssertionError(f"fused network is not equivalent to the train-time one: {r}")
     return plain, results

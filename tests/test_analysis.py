@@ -17,7 +17,8 @@ from torch import nn
 from edgerepvgg.data import InputSpec, TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant import QuantSpec, Scheme, TensorQuant, constraints_for
+from edgerepvgg.quant import QuantSpec, Scheme, TensorQuant, constraints_for, qparams
+from edgerepvgg.quant.observers import activation_range
 from edgerepvgg.quant.analysis import (
     activation_stats,
     analyze,
@@ -174,9 +175,13 @@ def test_activation_percentiles_match_numpy_within_a_bin(bad_analysis):
     for value, p in ((row.p99_9, 99.9), (row.p99_99, 99.99)):  # the k-th smallest |x| lies in the same bin
         assert abs(value - ordered[math.ceil(p / 100 * len(x)) - 1]) <= width
     assert row.tail_ratio == pytest.approx(float(x.max()) / row.p99_99)
-    assert row.clip == pytest.approx((0.0, row.p99_99))  # percentile 99.99, non-negative data, symmetric grid
-    minmax = activation_stats(stats, "convs.3", constraints_for("tensorrt").activation, "minmax", 99.99)
-    assert minmax.clip == (0.0, pytest.approx(float(x.max())))
+    # percentile 99.99 on the int8 symmetric grid: the quantizer covers [-p, p]
+    assert row.clip == pytest.approx((-row.p99_99, row.p99_99))
+    assert a.spec.layer("convs.3").input.scale[0] == pytest.approx(row.p99_99 / 127)
+    scheme = constraints_for("tensorrt").activation
+    scale, zp = qparams(*activation_range(stats.histograms["convs.3"], "minmax", scheme), scheme)
+    minmax = activation_stats(stats, "convs.3", TensorQuant(scheme, (scale,), (zp,)))
+    assert minmax.clip[1] == pytest.approx(float(x.max()))
 
 
 # ---------------------------------------------------------------------------------------------

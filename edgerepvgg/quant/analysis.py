@@ -52,8 +52,8 @@ from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.calibrate import CalibrationStats, cached_stats, collect_stats, make_spec
 from edgerepvgg.quant.emulate import FakeQuantNet, IntegerNet
-from edgerepvgg.quant.observers import _quantile, activation_range, weight_scales
-from edgerepvgg.quant.spec import Constraints, QuantSpec, Scheme, qparams
+from edgerepvgg.quant.observers import _quantile, weight_scales
+from edgerepvgg.quant.spec import Constraints, QuantSpec, Scheme, TensorQuant
 
 log = logging.getLogger(__name__)
 
@@ -185,16 +185,17 @@ class ActivationStats:
     scale: float | None  # grid step of the chosen clip range
 
 
-def activation_stats(calib: CalibrationStats, point: str, scheme: Scheme, method: str, percentile: float,
-                     quantized: bool = True) -> ActivationStats:  # fmt: skip
+def activation_stats(calib: CalibrationStats, point: str, quant: TensorQuant | None) -> ActivationStats:
+    """Statistics of one activation point, and the range its quantizer in the spec (``quant``,
+    ``None`` where the point is not quantized) actually covers."""
     hist = calib.histograms[point]
     if hist.count == 0:
         raise UserError(f"no values were observed at {point}; calibrate on at least one image")
     p999, p9999 = _quantile(hist, 99.9, signed=False), _quantile(hist, 99.99, signed=False)
     clip = scale = None
-    if quantized:
-        clip = activation_range(hist, method, scheme, percentile)
-        scale = qparams(*clip, scheme)[0]
+    if quant is not None:
+        scale, zp = quant.scale[0], quant.zero_point[0]
+        clip = ((quant.scheme.qmin - zp) * scale, (quant.scheme.qmax - zp) * scale)
     return ActivationStats(point, hist.min, hist.max, p999, p9999, hist.amax / p9999 if p9999 > 0 else None,
                            clip, scale)  # fmt: skip
 
@@ -392,7 +393,6 @@ def analyze(
             bar.update(1)
     bar.close()
 
-    act = constraints.activation
     modules = dict(zip([layer.name for layer in chosen.layers], [*plain.convs, plain.head]))
     rows = []
     for name in names:
@@ -400,10 +400,10 @@ def analyze(
         rows.append(LayerAnalysis(
             name,
             weight_stats(w.weight, constraints.weight, weight_method) if w is not None else None,
-            activation_stats(stats, name, act, method, percentile),
+            activation_stats(stats, name, chosen.pool if name == "pool" else chosen.layer(name).input),
             sens["naive"][name], sens["chosen"][name],
         ))  # fmt: skip
-    output = activation_stats(stats, "output", act, method, percentile, quantized=constraints.int_output)
+    output = activation_stats(stats, "output", chosen.output)
     result = Analysis(
         model=plain.name, constraints=constraints.name, method=method, weight_method=weight_method,
         calibration={"source": stats.source, "images": stats.images, "fingerprint": stats.fingerprint,
