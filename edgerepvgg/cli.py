@@ -317,7 +317,8 @@ def _quant_args(s: argparse.ArgumentParser) -> None:
     s.add_argument("--constraints", default="tensorrt", choices=list(CONSTRAINT_SETS),
                    help="integer scheme of the target's kernels (default tensorrt)")  # fmt: skip
     s.add_argument("--weight-bits", type=int, help="override the weight bit width (default: 8, or 7 on x86 CPUs without VNNI for CPU targets)")
-    s.add_argument("--method", default="entropy", choices=list(OBSERVERS), help="activation range method (default entropy)")
+    s.add_argument("--method", default="mse", choices=list(OBSERVERS),
+                   help="activation range method (default mse: best on both bundled models, see README)")
     s.add_argument("--weight-method", default="minmax", choices=list(WEIGHT_METHODS), help="per-channel weight range method")
     s.add_argument("--percentile", type=float, default=99.99, help="for --method percentile")
 

@@ -357,7 +357,7 @@ def analyze(
     calib_set: TensorDataset,
     eval_set: TensorDataset,
     constraints: Constraints,
-    method: str = "entropy",
+    method: str = "mse",
     weight_method: str = "minmax",
     percentile: float = 99.99,
     batch_size: int = 256,
