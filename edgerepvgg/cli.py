@@ -196,23 +196,27 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 # train
 
 
-def _training_data(args: argparse.Namespace):
-    from edgerepvgg.data import InputSpec, fashion_mnist, fashion_mnist_spec, image_folder
+def _is_fashion_mnist_source(data: str) -> bool:
+    return data == "fashion-mnist" or (Path(data).is_dir() and any(Path(data).glob("*idx*-ubyte*")))
 
-    data = args.data
-    if data == "fashion-mnist" or (Path(data).is_dir() and any(Path(data).glob("*idx*-ubyte*"))):
+
+def _labelled_sets(data: str, spec):
+    """(train, eval) sets preprocessed with ``spec``: Fashion-MNIST (Debian's package or a folder of
+    its IDX files), or ``DIR/train`` [+ ``DIR/val``] image folders, whose class names join the spec."""
+    from dataclasses import replace
+
+    from edgerepvgg.data import fashion_mnist, image_folder
+
+    if _is_fashion_mnist_source(data):
         root = None if data == "fashion-mnist" else data
-        spec = fashion_mnist_spec()
         return fashion_mnist("train", spec, root), fashion_mnist("test", spec, root)
     root = Path(data)
     if not (root / "train").is_dir():
         raise UserError(f"--data {data}: expected 'fashion-mnist', a folder of Fashion-MNIST IDX files, or a folder with train/ (and val/) image folders")
-    size = args.size or 224
-    spec = InputSpec(size=size, resize=args.resize or int(round(size / 0.875)), channels=args.in_chans)
-    train_set = image_folder(root / "train", spec)
-    spec = train_set.spec
-    val_set = image_folder(root / "val", spec, class_names=spec.class_names) if (root / "val").is_dir() else None
-    return train_set, val_set
+    train_set = image_folder(root / "train", spec, spec.class_names or None)
+    spec = replace(spec, class_names=train_set.class_names)
+    val_set = image_folder(root / "val", spec, spec.class_names) if (root / "val").is_dir() else None
+    return replace(train_set, spec=spec), val_set
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -225,7 +229,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = TrainConfig(model=args.model, block=args.block, epochs=args.epochs, batch_size=args.batch_size,
                          optimizer=args.optimizer, lr=args.lr, weight_decay=args.weight_decay,
                          warmup_epochs=args.warmup_epochs, seed=args.seed)  # fmt: skip
-    train_set, eval_set = _training_data(args)
+    from dataclasses import replace
+
+    from edgerepvgg.checkpoints import default_spec
+    from edgerepvgg.data import fashion_mnist_spec
+
+    if _is_fashion_mnist_source(args.data):
+        spec = fashion_mnist_spec()
+    else:  # ImageNet mean/std for 3 channels, 0.5/0.5 for 1
+        size = args.size or 224
+        spec = replace(default_spec(args.in_chans), size=size, resize=args.resize or int(round(size / 0.875)))
+    train_set, eval_set = _labelled_sets(args.data, spec)
     _, meta = train(config, train_set, eval_set, args.out, resume=args.resume, progress=not args.quiet)
     if not _main_rank():
         return 0
@@ -244,24 +258,6 @@ def _main_rank() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _qat_data(args: argparse.Namespace, spec):
-    """Training and evaluation sets preprocessed with the model's own input spec."""
-    from edgerepvgg.data import fashion_mnist, image_folder, is_fashion_mnist_spec
-
-    data = args.data or ("fashion-mnist" if is_fashion_mnist_spec(spec) else None)
-    if data is None:
-        raise UserError("this model was not trained on Fashion-MNIST; pass --data (a folder with train/ [val/] class subfolders)")
-    if data == "fashion-mnist" or (Path(data).is_dir() and any(Path(data).glob("*idx*-ubyte*"))):
-        root = None if data == "fashion-mnist" else data
-        return fashion_mnist("train", spec, root), fashion_mnist("test", spec, root)
-    root = Path(data)
-    if not (root / "train").is_dir():
-        raise UserError(f"--data {data}: expected 'fashion-mnist', a folder of Fashion-MNIST IDX files, or a folder with train/ (and val/) image folders")
-    names = spec.class_names or None
-    val_set = image_folder(root / "val", spec, names) if (root / "val").is_dir() else None
-    return image_folder(root / "train", spec, names), val_set
-
-
 def cmd_qat(args: argparse.Namespace) -> int:
     import torch
 
@@ -276,7 +272,10 @@ def cmd_qat(args: argparse.Namespace) -> int:
                        weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs, distill_alpha=args.distill_alpha,
                        temperature=args.temperature, learn_scales=args.learn_scales, seed=args.seed)  # fmt: skip
     _, meta, plain = _plain_of(args.checkpoint)
-    train_set, eval_set = _qat_data(args, meta.input_spec)
+    data = args.data or ("fashion-mnist" if is_fashion_mnist_spec(meta.input_spec) else None)
+    if data is None:
+        raise UserError("this model was not trained on Fashion-MNIST; pass --data (a folder with train/ [val/] class subfolders)")
+    train_set, eval_set = _labelled_sets(data, meta.input_spec)
     if args.spec:
         spec, start = load_spec(args.spec), f"QuantSpec {args.spec}"
     else:

@@ -145,3 +145,20 @@ def test_augment_is_seeded_and_keeps_shape():
 def test_bad_config_is_a_user_error():
     with pytest.raises(UserError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
+
+
+def test_train_on_an_image_folder_records_its_class_names(tmp_path, cli):
+    from PIL import Image
+
+    for split, n in (("train", 8), ("val", 2)):
+        for label, shade in (("boots", 40), ("coats", 200)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (20, 20), shade + i).save(folder / f"{i}.png")
+    code, out, err = cli("-q", "train", "--data", str(tmp_path / "data"), "--size", "16", "--resize", "16",
+                         "--in-chans", "1", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 0, err
+    _, meta = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert meta.input_spec.class_names == ("boots", "coats") and meta.num_classes == 2
+    assert "val" in meta.extra["eval_set"]
