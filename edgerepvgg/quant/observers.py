@@ -112,7 +112,7 @@ class Histogram:
             bad = "NaN" if bool(torch.isnan(x).any()) else "infinite values"
             raise UserError(f"activation contains {bad}; the model or its input is broken (check the checkpoint "
                             "and the preprocessing)")
-        zeros = int((x == 0).sum())
+        zeros = n - int(torch.count_nonzero(x))
         amax = max(-lo, hi)
         if amax > 0:
             self._grow(math.frexp(amax)[1])  # 2**e > amax >= 2**(e-1)
