@@ -1,9 +1,14 @@
-"""Accuracy metrics over the shared data contract (``TensorDataset.batches``)."""
+"""Accuracy metrics over the shared data contract (``TensorDataset.batches``), agreement between
+two sets of logits, and latency statistics."""
 
 from __future__ import annotations
 
+import math
+import time
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from edgerepvgg.data import TensorDataset
@@ -22,3 +27,66 @@ def topk_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int = 1) -> flo
         raise ValueError("no samples to score")
     top = logits.topk(min(k, logits.shape[1]), dim=1).indices
     return float((top == labels.reshape(-1, 1)).any(dim=1).double().mean())
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely one set of logits follows a reference (comparisons as data, after Polygraphy):
+    top-1 agreement, cosine similarity and SQNR (dB) of the logits, largest absolute difference."""
+
+    top1: float
+    cosine: float
+    sqnr_db: float
+    max_abs: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def agreement(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:
+    """Compare ``logits`` with ``reference`` (same rows, same classes)."""
+    if logits.shape != reference.shape:
+        raise ValueError(f"shapes differ: {tuple(logits.shape)} vs {tuple(reference.shape)}")
+    a, r = logits.double(), reference.double()
+    top1 = float((a.argmax(1) == r.argmax(1)).double().mean())
+    cosine = float(torch.nn.functional.cosine_similarity(a.flatten(), r.flatten(), dim=0))
+    noise = float(((a - r) ** 2).sum())
+    sqnr = math.inf if noise == 0 else 10 * math.log10(float((r**2).sum()) / noise)
+    return Agreement(top1, cosine, sqnr, float((a - r).abs().max()))
+
+
+@dataclass(frozen=True)
+class Latency:
+    """Wall-clock per call in milliseconds over ``runs`` timed calls after ``warmup`` untimed ones."""
+
+    batch: int
+    runs: int
+    warmup: int
+    p50_ms: float
+    p90_ms: float
+    mean_ms: float
+    min_ms: float
+
+    @property
+    def throughput(self) -> float:
+        """Images per second at the median latency."""
+        return self.batch / (self.p50_ms / 1000)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "throughput_ips": self.throughput}
+
+
+def measure_latency(fn: Callable, batch: np.ndarray, warmup: int = 10, runs: int = 50, max_seconds: float = 30.0) -> Latency:
+    """Time ``fn(batch)``: ``warmup`` calls, then up to ``runs`` timed calls (fewer, at least 5, if
+    they would exceed ``max_seconds``). Median and p90, not the mean, are the figures to quote."""
+    for _ in range(warmup):
+        fn(batch)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs and (len(times) < 5 or time.perf_counter() - start < max_seconds):
+        t0 = time.perf_counter()
+        fn(batch)
+        times.append((time.perf_counter() - t0) * 1000)
+    t = np.asarray(times)
+    return Latency(int(batch.shape[0]), len(times), warmup, float(np.median(t)), float(np.percentile(t, 90)),
+                   float(t.mean()), float(t.min()))  # fmt: skip

@@ -1,0 +1,68 @@
+"""Backends behind one protocol, found by name.
+
+The registry maps a name to ``module:class``; the module is imported only when the target is
+asked for, so listing targets or importing edgerepvgg never loads a runtime.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from edgerepvgg.errors import UserError
+from edgerepvgg.targets.base import Artifact, Runner, Target, check_precision
+
+__all__ = ["Artifact", "Runner", "Target", "TargetStatus", "check_precision", "get_target", "list_targets", "target_names"]
+
+_REGISTRY: dict[str, str] = {
+    "onnxruntime": "edgerepvgg.targets.onnxruntime:OnnxRuntimeTarget",
+    "openvino": "edgerepvgg.targets.openvino:OpenVINOTarget",
+    "tensorrt": "edgerepvgg.targets.tensorrt:TensorRTTarget",
+    "tflite": "edgerepvgg.targets.tflite:TFLiteTarget",
+}
+
+
+def target_names() -> list[str]:
+    """Every registered target, whether or not its module exists or its runtime is installed."""
+    return list(_REGISTRY)
+
+
+def get_target(name: str) -> Target:
+    """The target called ``name``; an unknown name is a one-line error listing the known ones."""
+    try:
+        module_name, cls_name = _REGISTRY[name].split(":")
+    except KeyError:
+        raise UserError(f"unknown target {name!r}; choose one of {', '.join(_REGISTRY)}") from None
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise UserError(f"target {name!r} is not implemented in this version of edgerepvgg") from None
+        raise
+    return getattr(module, cls_name)()
+
+
+@dataclass(frozen=True)
+class TargetStatus:
+    name: str
+    description: str
+    precisions: tuple[str, ...]
+    constraint_set: str
+    reason: str | None  # None: compiles and runs here
+
+    @property
+    def available(self) -> bool:
+        return self.reason is None
+
+
+def list_targets() -> list[TargetStatus]:
+    """Every target with whether it runs here and, when not, why."""
+    out = []
+    for name in _REGISTRY:
+        try:
+            t = get_target(name)
+        except UserError as exc:
+            out.append(TargetStatus(name, "", (), "", str(exc)))
+            continue
+        out.append(TargetStatus(name, t.description, t.precisions, t.constraint_set, t.available()))
+    return out
