@@ -220,7 +220,7 @@ def _aligned_bytes(builder, data: bytes, alignment: int = 16) -> int:
     builder.StartVector(1, len(data), alignment)
     builder.head = builder.head - len(data)
     builder.Bytes[builder.head : builder.head + len(data)] = data
-    return builder.EndVector(len(data))
+    return builder.EndVector()
 
 
 def _vector(builder, values: list[int] | tuple, dtype) -> int:
@@ -231,7 +231,7 @@ def _offsets(builder, start: Callable[[Any, int], None], items: list[int]) -> in
     start(builder, len(items))
     for off in reversed(items):
         builder.PrependUOffsetTRelative(off)
-    return builder.EndVector(len(items))
+    return builder.EndVector()
 
 
 def serialize(graph: _Graph, metadata: dict[str, bytes], description: str = "edgerepvgg") -> bytes:
