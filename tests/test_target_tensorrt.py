@@ -212,7 +212,7 @@ def test_violations_are_frozen_and_readable():
 
 def test_registry_and_availability():
     t = get_target("tensorrt")
-    assert isinstance(t, TensorRTTarget)
+    assert isinstance(t, TensorRTTarget) and t.runs_here == (TRT_REASON is None)
     assert (t.name, t.constraint_set, t.precisions) == ("tensorrt", "tensorrt", ("fp32", "fp16", "int8"))
     if importlib.util.find_spec("tensorrt") is None:
         assert t.available() == NOT_INSTALLED
@@ -374,7 +374,8 @@ def test_int8_engine_builds_and_agrees_with_integer_net(plain, trt_spec, tmp_pat
     assert art.path == tmp_path / "model.plan" and art.path.stat().st_size > 0
     assert art.info["engine_built"] is True and art.info["emulated"] is False
     assert (tmp_path / "timing.cache").is_file() and (tmp_path / "layers.json").is_file()
-    assert art.info["int8_convolutions"] is not None and art.info["int8_convolutions"] >= len(plain.convs), art.info
+    # Every conv reads int8, the 1-channel first conv perhaps excepted (TensorRT may keep it in float).
+    assert art.info["int8_convolutions"] is not None and art.info["int8_convolutions"] >= len(plain.convs) - 1, art.info
     runner = t.load(art)
     assert runner.emulated is False
     x = plain.example_input(40).clamp(-2.5, 2.5)  # 40 > max batch 32: runs in two chunks

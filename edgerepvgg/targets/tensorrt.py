@@ -374,7 +374,8 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, shapes: tuple[t
     with atomic_path(cache_path) as tmp:
         tmp.write_bytes(config.get_timing_cache().serialize())
 
-    engine = trt.Runtime(logger).deserialize_cuda_engine(plan)
+    runtime = trt.Runtime(logger)  # kept alive while its engine is in use
+    engine = runtime.deserialize_cuda_engine(plan)
     context = engine.create_execution_context()
     context.set_input_shape(INPUT, shapes[1])  # concrete shapes, so the report has formats, not "N/A"
     inspector = engine.create_engine_inspector()
@@ -474,6 +475,11 @@ class TensorRTTarget:
     precisions = ("fp32", "fp16", "int8")
     description = "TensorRT on an NVIDIA GPU: explicit quantization from Q/DQ ONNX (emulated in ONNX Runtime where TensorRT is absent)"
 
+    @property
+    def runs_here(self) -> bool:
+        """False where only the emulation runs here (no TensorRT or no CUDA device)."""
+        return self.available() is None
+
     def available(self) -> str | None:
         """None where the tensorrt package imports and a CUDA device is visible, else why not."""
         if importlib.util.find_spec("tensorrt") is None:
@@ -485,7 +491,8 @@ class TensorRTTarget:
         import torch
 
         if not torch.cuda.is_available():
-            return "no CUDA device: TensorRT builds and runs engines only on an NVIDIA GPU (torch sees none)"
+            cpu_build = " (this torch is a CPU-only build; the runner needs a CUDA build)" if torch.version.cuda is None else ""
+            return f"no CUDA device visible to torch{cpu_build}: TensorRT builds and runs engines only on an NVIDIA GPU"
         return None
 
     def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "int8", *,
