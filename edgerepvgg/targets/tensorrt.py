@@ -305,6 +305,7 @@ class BuildOptions:
             raise UserError(f"workspace_mb must be positive, got {self.workspace_mb}")
 
     def shapes(self, plain: PlainNet) -> tuple[tuple[int, ...], ...]:
+        """The (min, opt, max) NCHW input shapes of ``plain``'s profile."""
         s = plain.input_spec
         return tuple((b, s.channels, s.size, s.size) for b in self.batch)
 
