@@ -136,7 +136,7 @@ def _grid(scheme) -> str:
 
 
 def _check_eval_args(args: argparse.Namespace) -> None:
-    if getattr(args, "eval_limit", 1) < 1:
+    if (getattr(args, "eval_limit", None) or 1) < 1 or getattr(args, "eval_limit", None) == 0:
         raise UserError(f"--eval-limit must be at least 1, got {args.eval_limit}")
     max_drop = getattr(args, "max_drop", None)
     if max_drop is not None and not max_drop >= 0:
@@ -305,6 +305,83 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# export, targets
+
+
+def _spec_for_target(args: argparse.Namespace, meta, plain, target):
+    """The QuantSpec an INT8 export uses: ``--spec``, or a calibration for the target's scheme."""
+    from edgerepvgg.data import calibration_images
+    from edgerepvgg.quant import constraints_for, load_spec
+    from edgerepvgg.quant.calibrate import calibrate
+
+    if args.spec:
+        if args.images:
+            raise UserError("pass --spec or --images, not both (a spec already holds its calibration)")
+        return load_spec(args.spec), f"QuantSpec {args.spec}"
+    images = calibration_images(meta.input_spec, args.images)
+    constraints = constraints_for(target.constraint_set, weight_bits=args.weight_bits)
+    spec = calibrate(plain, images, constraints, args.method, progress=not args.quiet, cache=False if args.no_cache else None)
+    skipped = f", {len(images.skipped)} unreadable files skipped" if images.skipped else ""
+    return spec, f"calibrated for {constraints.name} on {len(images)} images of {images.source} ({args.method}{skipped})"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from edgerepvgg.data import evaluation_set
+    from edgerepvgg.export import REPORT_FILE, export
+    from edgerepvgg.targets import get_target
+
+    _check_eval_args(args)
+    precision = "int8" if args.int8 else args.precision
+    target = get_target(args.target)
+    reason = target.available()
+    if reason is not None and not getattr(target, "compiles_without_runtime", False):
+        raise UserError(f"target {target.name!r} is not available here: {reason}")
+    _, meta, plain = _plain_of(args.checkpoint)
+    spec, origin = _spec_for_target(args, meta, plain, target) if precision == "int8" else (None, "")
+    eval_set = None if args.no_eval else evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
+    out_dir = Path(args.output or f"export/{target.name}-{precision}")
+    report = export(plain, target, out_dir, precision, spec, eval_set, threads=args.threads,
+                    latency=not args.no_latency, throughput_batch=args.throughput_batch)  # fmt: skip
+    print(f"{target.name} {precision}: {report.artifact['path']} ({report.artifact['size_bytes'] / 1e6:.2f} MB)" + (f"; {origin}" if origin else ""))
+    for key, value in report.artifact["info"].items():
+        if key in ("convs", "int8_convs", "float_convs", "qdq_check", "engine_built", "trtexec"):
+            print(f"  {key}: {value}")
+    acc = report.accuracy
+    if acc is not None:
+        label = " (emulated: ONNX Runtime, not a TensorRT engine)" if report.emulated else ""
+        print(f"accuracy on {acc.images} images of {acc.source}{label}:")
+        print(f"  top-1 {_pct(acc.top1)} ({acc.delta_top1:+.2f} pt vs FP32 {_pct(acc.fp32_top1)}), top-5 {_pct(acc.top5)}")
+        print(f"  agreement with FP32: top-1 {_pct(acc.vs_fp32.top1)}, cosine {acc.vs_fp32.cosine:.5f}")
+        if acc.vs_emulation is not None:
+            e = acc.vs_emulation
+            print(f"  agreement with the INT8 emulation: top-1 {_pct(e.top1)}, cosine {e.cosine:.6f}, max |diff| {e.max_abs:.3g}")
+    for name, lat in report.latency.items():
+        print(f"latency {name}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms ({lat.throughput:.0f} images/s, {lat.runs} runs)")
+    for note in report.notes:
+        print(f"note: {note}")
+    print(f"wrote {out_dir / REPORT_FILE}")
+    return 0
+
+
+def cmd_targets(args: argparse.Namespace) -> int:
+    from edgerepvgg.targets import list_targets
+
+    rows = list_targets()
+    width = max(len(t.name) for t in rows)
+    for t in rows:
+        state = "available" if t.available else f"not available: {t.reason}"
+        detail = f"  [{', '.join(t.precisions)}; scheme {t.constraint_set}]" if t.precisions else ""
+        print(f"{t.name:<{width}}  {state}{detail}")
+        if t.description:
+            print(f"{'':<{width}}  {t.description}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
 # parser
 
 
@@ -410,6 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default="runs/qat", help="output folder: last.pt every epoch, model.safetensors + quant_spec.json at the end")
     s.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
     s.set_defaults(func=cmd_qat)
+
+    s = sub.add_parser("export", help="compile for a target (FP32 or INT8), check accuracy per target, time it; artifact + report.json")
+    s.add_argument("checkpoint", nargs="?", help=ckpt_help)
+    s.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt or tflite ('edgerepvgg targets' lists them)")
+    s.add_argument("--int8", action="store_true", help="INT8 (same as --precision int8)")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="default fp32")
+    s.add_argument("--images", help="calibration images for INT8 (default: the bundled set, for Fashion-MNIST models)")
+    s.add_argument("--spec", help="use this QuantSpec JSON (from 'calibrate' or 'qat') instead of calibrating")
+    s.add_argument("--method", default="mse", help="activation range method when calibrating (default mse)")
+    s.add_argument("--weight-bits", type=int, help="override the weight bit width of the target's scheme")
+    s.add_argument("--no-cache", action="store_true", help="do not reuse or store activation statistics")
+    s.add_argument("--eval-images", help="labelled image folder for the accuracy check (default: the Fashion-MNIST test set)")
+    s.add_argument("--eval-limit", type=int, help="class-balanced subset of the evaluation set (default: all of it)")
+    s.add_argument("--no-eval", action="store_true", help="skip the accuracy check")
+    s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own choice)")
+    s.add_argument("--throughput-batch", type=int, default=16, help="batch for the throughput figure (default 16)")
+    s.add_argument("-o", "--output", help="output folder (default export/TARGET-PRECISION)")
+    s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("targets", help="list the targets and whether each runs here (and why not)")
+    s.set_defaults(func=cmd_targets)
     return p
 
 

@@ -40,7 +40,8 @@ class Agreement:
     max_abs: float
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """JSON-ready: an infinite SQNR (identical logits) becomes ``None``."""
+        return {**asdict(self), "sqnr_db": self.sqnr_db if math.isfinite(self.sqnr_db) else None}
 
 
 def agreement(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:

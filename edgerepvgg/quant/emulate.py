@@ -63,6 +63,29 @@ def fake_quant(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axi
     return torch.where(inside, x + (y - x).detach(), y.detach())
 
 
+_F32_EXACT = 2**24  # float32 holds every integer up to 2^24 exactly
+
+
+def float32_parts(wq: torch.Tensor, input_quant: TensorQuant) -> list[torch.Tensor] | None:
+    """Split integer weights into float32 parts ``sum_k parts[k] * 16^k`` so that every partial sum
+    of every part's dot product with the layer's integer input is below 2^24 and thus exact in
+    float32, whatever order a kernel adds in; ``None`` if no split up to 4 parts guarantees that
+    (the layer then accumulates in float64). This makes the emulation as fast as a float32 model."""
+    s = input_quant.scheme
+    zp = input_quant.zero_point[0]
+    x_bound = max(s.qmax - zp, zp - s.qmin)
+    for n in range(1, 5):
+        parts, rest = [], wq.clone()
+        for _ in range(n - 1):
+            low = torch.remainder(rest, 16.0)  # digits 0..15
+            parts.append(low)
+            rest = (rest - low) / 16.0
+        parts.append(rest)
+        if all(float(p.abs().flatten(1).sum(1).max()) * x_bound < _F32_EXACT for p in parts):
+            return [p.float() for p in parts]
+    return None
+
+
 class IntegerNet(nn.Module):
     """The integer function of ``plain`` under ``spec``; float in, float logits out.
 
@@ -82,10 +105,12 @@ class IntegerNet(nn.Module):
         self.groups = [c.groups for c in plain.convs]
         self.weights: list[torch.Tensor] = []
         self.biases: list[torch.Tensor] = []
+        self.exact32: list[list[torch.Tensor] | None] = []
         for layer, module in zip(spec.layers, [*plain.convs, plain.head]):
             w = module.weight.detach().double()
             self.weights.append(w if layer.precision == "float" else quantize(w, layer.weight, "half_even", axis=0))
             self.biases.append(module.bias.detach().double())
+            self.exact32.append(None if layer.precision == "float" else float32_parts(self.weights[-1], layer.input))
 
     def _layer(self, i: int, x: torch.Tensor, observe) -> torch.Tensor:
         """Layer i (conv or head) on real-valued input ``x``; returns real-valued pre-ReLU output."""
@@ -105,7 +130,12 @@ class IntegerNet(nn.Module):
         xq = quantize(x, q, self.rounding, axis=1)
         if observe:
             observe(layer.name, xq)
-        acc = apply(xq - q.zero_point[0], self.weights[i], None)  # exact integer sums
+        parts = self.exact32[i]
+        if parts is None:
+            acc = apply(xq - q.zero_point[0], self.weights[i], None)  # exact integer sums in float64
+        else:  # the same exact sums from fast float32 kernels (see float32_parts)
+            x32 = (xq - q.zero_point[0]).float()
+            acc = sum(apply(x32, w, None).double() * (16.0**k) for k, w in enumerate(parts))
         s = q.scale[0] * torch.tensor(layer.weight.scale, dtype=torch.float64).reshape(shape)
         if self.spec.constraints.int_bias:
             return (acc + round_mode(bias / s, "half_even")) * s

@@ -49,8 +49,9 @@ class Artifact:
 
 class Target(Protocol):
     """A backend. ``constraint_set`` names the integer scheme its INT8 artifacts are calibrated
-    for (see ``edgerepvgg.quant.spec.CONSTRAINT_SETS``); ``runs_here`` is False for targets
-    that can only compile here and run elsewhere (TensorRT without a GPU)."""
+    for (see ``edgerepvgg.quant.spec.CONSTRAINT_SETS``). A target may set
+    ``compiles_without_runtime = True`` when it can write its artifact where its runtime is
+    absent (TensorRT without a GPU); its ``load`` then returns an emulation marked ``emulated``."""
 
     name: str
     constraint_set: str

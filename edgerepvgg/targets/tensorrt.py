@@ -475,6 +475,7 @@ class TensorRTTarget:
     constraint_set = "tensorrt"
     precisions = ("fp32", "fp16", "int8")
     description = "TensorRT on an NVIDIA GPU: explicit quantization from Q/DQ ONNX (emulated in ONNX Runtime where TensorRT is absent)"
+    compiles_without_runtime = True  # the Q/DQ ONNX, its rule check and build_engine.sh need no GPU
 
     @property
     def runs_here(self) -> bool:
@@ -496,7 +497,7 @@ class TensorRTTarget:
             return f"no CUDA device visible to torch{cpu_build}: TensorRT builds and runs engines only on an NVIDIA GPU"
         return None
 
-    def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "int8", *,
+    def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
                 batch: tuple[int, int, int] = (1, 8, 32), workspace_mb: int = 1024) -> Artifact:  # fmt: skip
         """Write the ONNX graph (Q/DQ for int8, checked against TensorRT's rules) and
         ``build_engine.sh``; build the engine too where TensorRT and a GPU are present."""
