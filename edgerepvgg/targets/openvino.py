@@ -43,7 +43,7 @@ _HEAD_TYPES = frozenset({"FullyConnected", "MatMul"})
 _LAYER_NAME = re.compile(r"^(convs\.\d+|head)$")
 
 
-def _config(threads: int | None, hint: str) -> dict[str, Any]:
+def compile_config(threads: int | None, hint: str) -> dict[str, Any]:
     """compile_model properties: the performance hint, threads, and f32 inference precision
     (on CPUs with bf16/fp16 OpenVINO would otherwise lower FP32 layers on its own)."""
     if hint not in HINTS:
@@ -127,7 +127,7 @@ def int8_coverage(model_path: str | Path, threads: int | None = None) -> Coverag
     import openvino as ov
 
     core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(model_path)), DEVICE, _config(threads, "latency"))
+    compiled = core.compile_model(core.read_model(str(model_path)), DEVICE, compile_config(threads, "latency"))
     return runtime_coverage(compiled)
 
 
@@ -159,7 +159,7 @@ class OpenVINORunner:
     def __init__(self, xml: str | Path, threads: int | None = None, hint: str = "latency"):
         import openvino as ov
 
-        self.config = _config(threads, hint)
+        self.config = compile_config(threads, hint)
         core = ov.Core()
         self.compiled = core.compile_model(core.read_model(str(xml)), DEVICE, self.config)
         self.request = self.compiled.create_infer_request()
