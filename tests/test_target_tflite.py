@@ -4,6 +4,7 @@ bindings, and its numerics in LiteRT against the FP32 PlainNet and the integer r
 from __future__ import annotations
 
 import copy
+import sys
 from dataclasses import replace
 
 import numpy as np
@@ -101,6 +102,14 @@ def test_registered_under_its_name_with_the_tflite_constraint_set():
     assert isinstance(t, TFLiteTarget)
     assert (t.name, t.constraint_set, t.precisions) == ("tflite", "tflite", ("fp32", "int8"))
     assert t.available() is None and "\n" not in t.description
+
+
+def test_a_missing_module_is_a_one_line_reason_naming_the_fix(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "tflite", None)  # what an uninstalled package looks like to import
+    reason = TFLiteTarget().available()
+    assert reason is not None and "tflite" in reason and "pip install 'edgerepvgg[tflite]'" in reason and "\n" not in reason
+    with pytest.raises(UserError, match="edgerepvgg.tflite"):
+        TFLiteTarget().compile(tiny_plain(), None, tmp_path)
 
 
 def test_int8_graph_carries_the_spec_exactly(tiny, tmp_path):

@@ -21,6 +21,7 @@ in the fixed-point requantization, so they disagree with the referee more often.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from dataclasses import dataclass, field
@@ -113,7 +114,7 @@ def _check_spec(plain: PlainNet, spec: QuantSpec) -> None:
     """Refuse a spec that full-integer TFLite cannot express or that was made for another model."""
     names = [f"convs.{i}" for i in range(len(plain.convs))] + ["head"]
     if [layer.name for layer in spec.layers] != names:
-        raise UserError(f"the QuantSpec has layers {len(spec.layers)}, the model {len(names)}; recalibrate for this model")
+        raise UserError(f"the QuantSpec's {len(spec.layers)} layers do not match the model's {len(names)}; recalibrate for this model")
     if spec.model_hash != model_hash(plain):
         raise UserError("this QuantSpec was made for another model (its model hash differs); recalibrate for this model")
     floats = [layer.name for layer in spec.layers if layer.precision == "float"]
@@ -141,7 +142,7 @@ def _int_weights(module: torch.nn.Module, layer) -> tuple[np.ndarray, np.ndarray
     return w.numpy().astype(np.int8), b.numpy().astype(np.int32), tuple(float(v) for v in s)
 
 
-def build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: bool = False) -> _Graph:
+def _build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: bool = False) -> _Graph:
     """The TFLite graph of ``plain``: float32 throughout, or int8 under ``spec`` (float or int8 I/O)."""
     g = _Graph()
     s = plain.input_spec
@@ -234,7 +235,7 @@ def _offsets(builder, start: Callable[[Any, int], None], items: list[int]) -> in
     return builder.EndVector()
 
 
-def serialize(graph: _Graph, metadata: dict[str, bytes], description: str = "edgerepvgg") -> bytes:
+def _serialize(graph: _Graph, metadata: dict[str, bytes], description: str = "edgerepvgg") -> bytes:
     """The graph as .tflite flatbuffer bytes, with ``metadata`` entries in Buffer-backed Metadata."""
     import flatbuffers
     import tflite
@@ -422,7 +423,7 @@ class TFLiteTarget:
         """``None`` when LiteRT, the tflite schema bindings and flatbuffers import, else why not."""
         for module in ("ai_edge_litert.interpreter", "tflite", "flatbuffers"):
             try:
-                __import__(module)
+                importlib.import_module(module)
             except (ImportError, OSError) as exc:
                 return f"{module} does not import ({exc}); {INSTALL_HINT}"
         return None
@@ -439,7 +440,7 @@ class TFLiteTarget:
             raise UserError(reason)
         if int8:
             _check_spec(plain, spec)
-        graph = build_graph(plain, spec if int8 else None, int8, int8_io)
+        graph = _build_graph(plain, spec if int8 else None, int8, int8_io)
         meta = {
             "format": "edgerepvgg-tflite",
             "format_version": FORMAT_VERSION,
@@ -452,7 +453,7 @@ class TFLiteTarget:
             "spec_sha256": spec.sha256 if int8 else None,
             "constraints": spec.constraints.name if int8 else None,
         }
-        data = serialize(graph, {METADATA_NAME: json.dumps(meta, sort_keys=True).encode()}, f"edgerepvgg {plain.name}")
+        data = _serialize(graph, {METADATA_NAME: json.dumps(meta, sort_keys=True).encode()}, f"edgerepvgg {plain.name}")
         path = Path(out_dir) / "model.tflite"
         with atomic_path(path) as tmp:
             tmp.write_bytes(data)
