@@ -112,6 +112,16 @@ def test_a_missing_module_is_a_one_line_reason_naming_the_fix(monkeypatch, tmp_p
         TFLiteTarget().compile(tiny_plain(), None, tmp_path)
 
 
+def test_writing_needs_no_runtime_but_running_does(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "ai_edge_litert.interpreter", None)
+    target = TFLiteTarget()
+    assert "ai_edge_litert" in target.available()
+    art = target.compile(tiny_plain(), None, tmp_path)  # a .tflite for another device, no LiteRT here
+    assert read_metadata(art.path)["precision"] == "fp32"
+    with pytest.raises(UserError, match="ai_edge_litert"):
+        target.load(art)
+
+
 def test_int8_graph_carries_the_spec_exactly(tiny, tmp_path):
     plain, spec = tiny
     art = TFLiteTarget().compile(plain, spec, tmp_path, "int8")

@@ -369,6 +369,16 @@ def read_metadata(path: str | Path) -> dict:
 # The target
 
 
+def _missing(modules: tuple[str, ...]) -> str | None:
+    """Why the first of ``modules`` that does not import fails, with the fix; ``None`` if all do."""
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except (ImportError, OSError) as exc:
+            return f"{module} does not import ({exc}); {INSTALL_HINT}"
+    return None
+
+
 class TFLiteRunner:
     """A LiteRT interpreter behind the runner protocol: NCHW float32 in, float32 logits out."""
 
@@ -421,12 +431,7 @@ class TFLiteTarget:
 
     def available(self) -> str | None:
         """``None`` when LiteRT, the tflite schema bindings and flatbuffers import, else why not."""
-        for module in ("ai_edge_litert.interpreter", "tflite", "flatbuffers"):
-            try:
-                importlib.import_module(module)
-            except (ImportError, OSError) as exc:
-                return f"{module} does not import ({exc}); {INSTALL_HINT}"
-        return None
+        return _missing(("ai_edge_litert.interpreter", "tflite", "flatbuffers"))
 
     def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
                 int8_io: bool = False) -> Artifact:  # fmt: skip
@@ -435,7 +440,7 @@ class TFLiteTarget:
         int8 = precision == "int8"
         if int8_io and not int8:
             raise UserError("int8 input/output needs an INT8 build (--precision int8)")
-        reason = self.available()
+        reason = _missing(("tflite", "flatbuffers"))  # writing needs no runtime
         if reason:
             raise UserError(reason)
         if int8:
