@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edgerepvgg.quant import CONSTRAINT_SETS, Scheme, TensorQuant
+from edgerepvgg.quant import CONSTRAINT_SETS, Scheme, TensorQuant, constraints_for
 from edgerepvgg.quant.emulate import FakeQuantNet, IntegerNet, dequantize, fake_quant, quantize, round_mode
 
 from quant_helpers import minmax_spec, tiny_plain
@@ -129,3 +129,28 @@ def test_fake_quant_straight_through_gradient():
     y.sum().backward()
     assert y.detach().tolist() == pytest.approx([0.0, 0.3, 10.0, 25.5])
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("name", ["tensorrt", "openvino", "tflite"])
+def test_float32_accumulation_is_bit_identical_to_float64(name):
+    """The fast path (integer sums in float32 kernels) changes no bit of the result."""
+    plain = tiny_plain()
+    spec = minmax_spec(plain, constraints_for(name, weight_bits=8))
+    x = plain.example_input(8).detach()
+    fast = IntegerNet(plain, spec)
+    assert all(p is not None for p in fast.exact32)  # A0's sums fit float32 in one part
+    slow = IntegerNet(plain, spec)
+    slow.exact32 = [None] * len(slow.exact32)
+    assert torch.equal(fast(x), slow(x))
+
+
+def test_float32_parts_split_large_sums_and_recompose_exactly():
+    from edgerepvgg.quant.emulate import float32_parts
+
+    q = TensorQuant(Scheme(8, signed=False, symmetric=False), (0.1,), (0,))
+    wq = torch.randint(-127, 128, (4, 4096), generator=torch.Generator().manual_seed(0)).double()
+    parts = float32_parts(wq, q)
+    assert parts is not None and len(parts) > 1  # 255 * 127 * 4096 > 2^24: one part would not be exact
+    assert torch.equal(sum(p.double() * 16.0**k for k, p in enumerate(parts)), wq)
+    assert all(float(p.abs().sum(1).max()) * 255 < 2**24 for p in parts)
+    assert float32_parts(wq.repeat(1, 4096), q) is None  # too long for any split: float64 instead

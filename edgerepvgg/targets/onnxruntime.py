@@ -21,7 +21,7 @@ class OnnxRuntimeRunner:
     (Q/DQ nodes as written, float convolutions): slow, but it computes exactly what the graph
     says, e.g. TensorRT's float bias, which ORT's Q/DQ fusion would round to int32."""
 
-    def __init__(self, path: str | Path, threads: int | None = None, optimize: bool = True):
+    def __init__(self, path: str | Path | bytes, threads: int | None = None, optimize: bool = True):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -30,7 +30,8 @@ class OnnxRuntimeRunner:
             options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         options.log_severity_level = 3  # warnings about hardware-specific fusions are not ours to act on
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        model = path if isinstance(path, bytes) else str(path)  # a file, or a serialized ModelProto
+        self.session = ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         return self.session.run(None, {INPUT: np.ascontiguousarray(batch, np.float32)})[0]

@@ -1,0 +1,163 @@
+"""export: compile, accuracy check (labels, FP32, emulation), latency and report, library and CLI;
+the one-line errors for expected mistakes, and no half-written artifact after an interruption."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+from edgerepvgg import UserError
+from edgerepvgg.data import TensorDataset
+from edgerepvgg.export import REPORT_FILE, export, references, score
+from edgerepvgg.quant import constraints_for
+from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
+
+from quant_helpers import minmax_spec, tiny_plain
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return tiny_plain(classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def eval_set(plain):
+    """Labels are the FP32 model's own predictions, so FP32 top-1 is exactly 100%."""
+    import torch
+
+    gen = torch.Generator().manual_seed(3)
+    s = plain.input_spec
+    images = torch.randint(0, 256, (64, s.channels, s.size, s.size), dtype=torch.uint8, generator=gen)
+    ds = TensorDataset(images, torch.zeros(64, dtype=torch.long), s, "random")
+    x = next(iter(ds.batches(64)))[0]
+    labels = plain(x).argmax(1).detach()
+    return TensorDataset(images, labels, s, "random, labelled by the FP32 model")
+
+
+def test_int8_export_writes_artifact_and_report_with_all_three_comparisons(plain, eval_set, tmp_path):
+    spec = minmax_spec(plain, constraints_for("onnxruntime", weight_bits=8))
+    report = export(plain, "onnxruntime", tmp_path, "int8", spec, eval_set, threads=1, throughput_batch=4, runs=5)
+    acc = report.accuracy
+    assert acc.images == 64 and acc.fp32_top1 == 1.0 and acc.top5 is not None
+    assert acc.delta_top1 == pytest.approx(100 * (acc.top1 - 1.0))
+    assert acc.vs_emulation.top1 >= 0.98 and acc.vs_emulation.cosine > 0.9999
+    assert acc.vs_fp32.cosine < acc.vs_emulation.cosine  # quantization error is visible, the runtime's is not
+    assert set(report.latency) == {"batch1", "batch4"} and report.latency["batch4"].batch == 4
+    d = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert d["status"] == "ok" and d["quant"]["spec_sha256"] == spec.sha256
+    assert d["accuracy"]["vs_emulation"]["top1"] == acc.vs_emulation.top1
+    assert d["artifact"]["size_bytes"] == (tmp_path / "model.onnx").stat().st_size
+    assert d["machine"]["cores"] >= 1 and "onnxruntime" in d["machine"]
+
+
+def test_fp32_export_has_no_emulation_comparison(plain, eval_set, tmp_path):
+    report = export(plain, "onnxruntime", tmp_path, "fp32", None, eval_set, latency=False)
+    assert report.accuracy.vs_emulation is None and report.latency == {}
+    assert report.accuracy.vs_fp32.top1 == 1.0 and report.accuracy.vs_fp32.max_abs < 1e-3
+
+
+def test_score_counts_disagreement_with_the_emulation(plain, eval_set):
+    import torch
+
+    spec = minmax_spec(plain, constraints_for("onnxruntime"))
+    refs = references(plain, spec, eval_set)
+    flipped = refs.emulation.clone()
+    flipped[:8] = -flipped[:8]  # eight rows now pick another class
+    acc = score(flipped, refs)
+    assert acc.vs_emulation.top1 == pytest.approx(56 / 64)
+    assert score(refs.emulation, refs).vs_emulation.sqnr_db == float("inf")
+    assert torch.equal(refs.labels, eval_set.labels)
+
+
+def test_spec_of_another_model_is_a_user_error(plain, tmp_path):
+    other = minmax_spec(tiny_plain(seed=1, classes=5), constraints_for("onnxruntime"))
+    with pytest.raises(UserError, match="another model"):
+        export(plain, "onnxruntime", tmp_path, "int8", other)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_interrupted_write_leaves_no_artifact(plain, tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx, "save_model", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        OnnxRuntimeTarget().compile(plain, None, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorrt_export_without_tensorrt_is_labelled_emulated(plain, eval_set, tmp_path):
+    from edgerepvgg.targets.tensorrt import TensorRTTarget
+
+    if TensorRTTarget().available() is None:
+        pytest.skip("TensorRT and a GPU are present: the engine path runs instead")
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    report = export(plain, "tensorrt", tmp_path, "int8", spec, eval_set)
+    assert report.emulated and report.status == "emulated" and report.latency == {}
+    assert any("emulated" in n for n in report.notes)
+    assert (tmp_path / "build_engine.sh").exists()
+    assert report.accuracy.vs_emulation.top1 >= 0.98
+
+
+# ---- CLI -----------------------------------------------------------------------------------
+
+
+def test_cli_export_int8_on_a_checkpoint(cli, fmnist_ckpt, tmp_path):
+    code, out, err = cli("-q", "export", str(fmnist_ckpt), "--target", "onnxruntime", "--int8", "--eval-limit", "50",
+                         "--throughput-batch", "2", "--threads", "1", "-o", str(tmp_path))  # fmt: skip
+    assert code == 0, err
+    assert "agreement with the INT8 emulation" in out and "latency batch1" in out
+    d = json.loads((tmp_path / REPORT_FILE).read_text())
+    assert d["precision"] == "int8" and d["accuracy"]["images"] == 50
+    assert d["quant"]["constraints"].startswith("onnxruntime")
+
+
+def test_cli_export_with_a_saved_spec_and_the_both_sources_error(cli, fmnist_ckpt, tmp_path):
+    spec_path = tmp_path / "spec.json"
+    assert cli("-q", "calibrate", str(fmnist_ckpt), "--constraints", "onnxruntime", "--method", "minmax", "-o", str(spec_path))[0] == 0
+    code, out, err = cli("-q", "export", str(fmnist_ckpt), "--target", "onnxruntime", "--int8", "--spec", str(spec_path),
+                         "--no-eval", "--no-latency", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 0, err
+    sha = json.loads((tmp_path / "out" / REPORT_FILE).read_text())["quant"]["spec_sha256"]
+    from edgerepvgg.quant import load_spec
+
+    assert sha == load_spec(spec_path).sha256
+    code, _, err = cli("export", str(fmnist_ckpt), "--target", "onnxruntime", "--int8", "--spec", str(spec_path), "--images", str(tmp_path))
+    assert code == 2 and "not both" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--target", "tpu"], "unknown target 'tpu'"),
+        (["--target", "onnxruntime", "--int8", "--spec", "missing.json"], "cannot read QuantSpec"),
+        (["--target", "onnxruntime", "--int8", "--images", "no-such-dir"], "no-such-dir"),
+        (["--target", "onnxruntime", "--precision", "fp16"], "not 'fp16'"),
+    ],
+)
+def test_cli_export_bad_input_is_one_line(cli, fmnist_ckpt, argv, message, tmp_path):
+    code, out, err = cli("export", str(fmnist_ckpt), *argv, "--no-eval", "--no-latency", "-o", str(tmp_path))
+    assert code == 2
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_cli_export_missing_runtime_is_one_line(cli, fmnist_ckpt, monkeypatch, tmp_path):
+    monkeypatch.setattr(OnnxRuntimeTarget, "available", lambda self: "onnxruntime is not installed; pip install onnxruntime")
+    code, _, err = cli("export", str(fmnist_ckpt), "--target", "onnxruntime", "-o", str(tmp_path))
+    assert code == 2 and "not available here: onnxruntime is not installed" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_targets_lists_every_target_with_why_not(cli):
+    code, out, _ = cli("targets")
+    assert code == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(" ")}
+    assert set(lines) == {"onnxruntime", "openvino", "tensorrt", "tflite"}
+    assert "available" in lines["onnxruntime"] and "not available" not in lines["onnxruntime"]
+    from edgerepvgg.targets.tensorrt import TensorRTTarget
+
+    if TensorRTTarget().available() is not None:
+        assert "not available: " in lines["tensorrt"]
