@@ -367,6 +367,40 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from edgerepvgg.compare import table_rows
+    from edgerepvgg.compare import compare as run_compare
+    from edgerepvgg.data import calibration_images, evaluation_set
+    from edgerepvgg.profiles import resolve, shipped_profiles
+    from edgerepvgg.report import text_table, write_comparison
+
+    _check_eval_args(args)
+    names = [n for item in (args.targets or []) for n in item.split(",") if n] + list(args.profiles or [])
+    profiles = resolve(names) if names else resolve([str(p) for p in shipped_profiles()])
+    if not profiles:
+        raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
+    model, meta, plain = _plain_of(args.checkpoint)
+    calib = calibration_images(meta.input_spec, args.images) if any(p.precision == "int8" for p in profiles) else None
+    eval_set = evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
+    out_dir = Path(args.output)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} exists and is not a folder; pass -o a folder")
+    result = run_compare(plain, profiles, out_dir, calib, eval_set, train_model=None if meta.fused else model,
+                         method=args.method, threads=args.threads, progress=not args.quiet)  # fmt: skip
+    header, body = table_rows(result)
+    print(f"{plain.name} on {result.eval_images} images of {result.eval_source}" + (f"; calibrated on {len(calib)} images of {calib.source}" if calib else ""))
+    print(text_table(header, body))
+    for r in result.rows:
+        if r.status not in ("ok", "reference") and r.why:
+            print(f"{r.name}: {r.status}: {r.why}")
+    paths = write_comparison(result, out_dir)
+    print(f"wrote {', '.join(str(p) for p in paths.values())}")
+    if result.failed:
+        print(f"edgerepvgg compare: {sum(1 for r in result.rows if r.gates_failed)} target(s) failed their gates", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_targets(args: argparse.Namespace) -> int:
     from edgerepvgg.targets import list_targets
 
@@ -506,6 +540,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--throughput-batch", type=int, default=16, help="batch for the throughput figure (default 16)")
     s.add_argument("-o", "--output", help="output folder (default export/TARGET-PRECISION)")
     s.set_defaults(func=cmd_export)
+
+    s = sub.add_parser("compare", help="every target side by side: accuracy, agreement, INT8 coverage, latency; table + JSON/CSV/MD/PNG, gates")
+    s.add_argument("checkpoint", nargs="?", help=ckpt_help)
+    s.add_argument("--targets", nargs="+", metavar="NAME", help="backends (each in FP32 and INT8), 'all', shipped profile names or "
+                   ".toml files (default: every profile in targets/)")  # fmt: skip
+    s.add_argument("--profiles", nargs="+", metavar="FILE", help="profile files (TOML)")
+    s.add_argument("--images", help="calibration images for INT8 (default: the bundled set, for Fashion-MNIST models)")
+    s.add_argument("--method", default="mse", help="activation range method (default mse)")
+    s.add_argument("--eval-images", help="labelled image folder (default: the Fashion-MNIST test set)")
+    s.add_argument("--eval-limit", type=int, help="class-balanced subset of the evaluation set (default: all of it)")
+    s.add_argument("--threads", type=int, help="threads where a profile does not set them")
+    s.add_argument("-o", "--output", default="compare", help="output folder (default compare)")
+    s.set_defaults(func=cmd_compare)
 
     s = sub.add_parser("targets", help="list the targets and whether each runs here (and why not)")
     s.set_defaults(func=cmd_targets)
