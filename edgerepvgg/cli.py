@@ -319,10 +319,23 @@ def _spec_for_target(args: argparse.Namespace, meta, plain, target):
             raise UserError("pass --spec or --images, not both (a spec already holds its calibration)")
         return load_spec(args.spec), f"QuantSpec {args.spec}"
     images = calibration_images(meta.input_spec, args.images)
-    constraints = constraints_for(target.constraint_set, weight_bits=args.weight_bits)
+    constraints = constraints_for(getattr(args, "scheme", None) or target.constraint_set, weight_bits=args.weight_bits)
     spec = calibrate(plain, images, constraints, args.method, progress=not args.quiet, cache=False if args.no_cache else None)
     skipped = f", {len(images.skipped)} unreadable files skipped" if images.skipped else ""
     return spec, f"calibrated for {constraints.name} on {len(images)} images of {images.source} ({args.method}{skipped})"
+
+
+def _profile_arg(name: str):
+    """A device profile when ``--target`` names a .toml file or a shipped profile, else None."""
+    from edgerepvgg.profiles import load_profile, shipped_profiles
+    from edgerepvgg.targets import target_names
+
+    if name in target_names():
+        return None
+    shipped = {p.stem: p for p in shipped_profiles()}
+    if name.endswith(".toml") or Path(name).is_file():
+        return load_profile(name)
+    return load_profile(shipped[name]) if name in shipped else None
 
 
 def _pct(x: float | None) -> str:
@@ -336,14 +349,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     _check_eval_args(args)
     precision = "int8" if args.int8 else args.precision
-    target = get_target(args.target)
+    profile = _profile_arg(args.target)
+    if profile is not None:  # a device profile sets backend, precision, threads, batch and the scheme
+        precision = profile.precision if not args.int8 and args.precision == "fp32" else precision
+        args.threads = args.threads or profile.threads
+        args.throughput_batch = profile.batch
+        args.weight_bits = args.weight_bits or profile.weight_bits
+        args.scheme = profile.constraints
+    target = get_target(profile.backend if profile else args.target)
     reason = target.available()
     if reason is not None and not getattr(target, "compiles_without_runtime", False):
         raise UserError(f"target {target.name!r} is not available here: {reason}")
     _, meta, plain = _plain_of(args.checkpoint)
     spec, origin = _spec_for_target(args, meta, plain, target) if precision == "int8" else (None, "")
     eval_set = None if args.no_eval else evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
-    out_dir = Path(args.output or f"export/{target.name}-{precision}")
+    out_dir = Path(args.output or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
     report = export(plain, target, out_dir, precision, spec, eval_set, threads=args.threads,
                     latency=not args.no_latency, throughput_batch=args.throughput_batch)  # fmt: skip
     print(f"{target.name} {precision}: {report.artifact['path']} ({report.artifact['size_bytes'] / 1e6:.2f} MB)" + (f"; {origin}" if origin else ""))
@@ -524,7 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("export", help="compile for a target (FP32 or INT8), check accuracy per target, time it; artifact + report.json")
     s.add_argument("checkpoint", nargs="?", help=ckpt_help)
-    s.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt or tflite ('edgerepvgg targets' lists them)")
+    s.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt or tflite ('edgerepvgg targets' lists them), "
+                   "or a device profile (.toml file or shipped profile name)")  # fmt: skip
     s.add_argument("--int8", action="store_true", help="INT8 (same as --precision int8)")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"], help="default fp32")
     s.add_argument("--images", help="calibration images for INT8 (default: the bundled set, for Fashion-MNIST models)")

@@ -1,0 +1,148 @@
+"""compare and device profiles: one consistent table in every format, gates that fail with the
+right exit code, unavailable targets skipped with their reason, malformed profiles named."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+from edgerepvgg import UserError
+from edgerepvgg.compare import compare
+from edgerepvgg.data import TensorDataset
+from edgerepvgg.profiles import Gates, Profile, load_profile, resolve, shipped_profiles
+from edgerepvgg.report import write_comparison
+from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
+
+from quant_helpers import tiny_plain
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return tiny_plain(classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def data(plain):
+    """64 random images labelled by the FP32 model itself (FP32 top-1 is 100%)."""
+    gen = torch.Generator().manual_seed(5)
+    s = plain.input_spec
+    images = torch.randint(0, 256, (64, s.channels, s.size, s.size), dtype=torch.uint8, generator=gen)
+    unlabelled = TensorDataset(images, torch.zeros(64, dtype=torch.long), s, "random")
+    labels = plain(next(iter(unlabelled.batches(64)))[0]).argmax(1).detach()
+    return TensorDataset(images, labels, s, "random, labelled by the FP32 model")
+
+
+def test_every_shipped_profile_is_valid_and_names_a_known_backend():
+    paths = shipped_profiles()
+    assert {p.stem for p in paths} >= {"cpu-onnxruntime-int8", "cpu-openvino-int8", "cpu-litert-int8",
+                                       "jetson-orin-tensorrt-int8", "intel-cpu-openvino-int8", "arm-litert-int8"}  # fmt: skip
+    for path in paths:
+        p = load_profile(path)
+        assert p.name == path.stem and p.backend in ("onnxruntime", "openvino", "tensorrt", "tflite")
+        if p.precision == "int8":
+            assert p.gates.min_agreement_emulation is not None
+
+
+@pytest.mark.parametrize(
+    "text, field",
+    [
+        ('backend = "onnxruntime"\nthreads = "two"\n', "threads"),
+        ('backend = "onnxruntime"\nprecison = "int8"\n', "precison"),
+        ('precision = "int8"\n', "backend"),
+        ('backend = "tpu"\n', "backend"),
+        ('backend = "onnxruntime"\nprecision = "int4"\n', "precision"),
+        ('backend = "onnxruntime"\nbatch = 0\n', "batch"),
+        ('backend = "onnxruntime"\n[gates]\nmax_delta_top1 = "1"\n', "gates.max_delta_top1"),
+        ('backend = "onnxruntime"\n[gates]\nmin_top1 = 0.9\n', "gates.min_top1"),
+    ],
+)
+def test_malformed_profile_names_file_and_field(tmp_path, text, field):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UserError) as err:
+        load_profile(path)
+    assert str(path) in str(err.value) and f"'{field}'" in str(err.value)
+
+
+def test_invalid_toml_is_one_line(tmp_path):
+    path = tmp_path / "broken.toml"
+    path.write_text("backend = \n")
+    with pytest.raises(UserError, match="not valid TOML"):
+        load_profile(path)
+
+
+def test_resolve_expands_backends_and_refuses_unknown_names():
+    names = [p.name for p in resolve(["onnxruntime", "cpu-openvino-int8"])]
+    assert names == ["onnxruntime-fp32", "onnxruntime-int8", "cpu-openvino-int8"]
+    assert "tensorrt-fp32" in [p.name for p in resolve(["all"])]
+    with pytest.raises(UserError, match="unknown target or profile 'npu'"):
+        resolve(["npu"])
+
+
+def test_compare_rows_agree_across_json_csv_and_markdown(plain, data, tmp_path):
+    profiles = [Profile("ort-fp32", "onnxruntime", "fp32", threads=1, batch=2),
+                Profile("ort-int8", "onnxruntime", "int8", threads=1, batch=2, weight_bits=8),
+                Profile("trt-int8", "tensorrt", "int8")]  # fmt: skip
+    result = compare(plain, profiles, tmp_path, data, data, method="minmax", threads=1, progress=False)
+    paths = write_comparison(result, tmp_path)
+    rows = {r.name: r for r in result.rows}
+    assert {"pytorch-fused", "ort-fp32", "ort-int8", "trt-int8"} <= set(rows)
+    assert rows["ort-fp32"].status == "ok" and rows["ort-fp32"].top1 == 1.0 and rows["ort-fp32"].p50_ms > 0
+    assert rows["ort-int8"].agree_emulation >= 0.98 and rows["ort-int8"].int8_convs == "22/22 (graph)"
+    assert rows["pytorch-fused"].status == "reference" and rows["pytorch-fused"].agree_fp32 == 1.0
+    assert any(name.startswith("emulation-onnxruntime") for name in rows)
+    from edgerepvgg.targets.tensorrt import TensorRTTarget
+
+    if TensorRTTarget().available() is not None:
+        assert rows["trt-int8"].status == "emulated" and rows["trt-int8"].p50_ms is None
+    doc = json.loads(paths["json"].read_text())
+    with open(paths["csv"]) as f:
+        table = list(csv.DictReader(f))
+    md_lines = [line for line in paths["md"].read_text().splitlines() if line.startswith("| ")]
+    assert len(doc["rows"]) == len(table) == len(md_lines) - 2 == len(result.rows)  # header and rule rows
+    for d, c in zip(doc["rows"], table):
+        assert c["target"] == d["name"] and c["status"] == d["status"]
+        if d["top1"] is not None:
+            assert float(c["top-1 %"]) == pytest.approx(100 * d["top1"], abs=0.005)
+    assert paths["png"].stat().st_size > 1000 and paths["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_unavailable_target_is_skipped_with_its_reason_not_an_error(plain, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(OnnxRuntimeTarget, "available", lambda self: "onnxruntime is not installed; pip install onnxruntime")
+    profiles = [Profile("ort", "onnxruntime", "fp32"), Profile("big", "tensorrt", "fp32", input_size=224),
+                Profile("arm", "onnxruntime", "fp32", arch="riscv64")]  # fmt: skip
+    result = compare(plain, profiles, tmp_path, None, data, progress=False)
+    rows = {r.name: r for r in result.rows}
+    assert rows["ort"].status == "skipped" and "pip install onnxruntime" in rows["ort"].why
+    assert rows["big"].status == "skipped" and "224x224" in rows["big"].why
+    assert not result.failed
+
+
+def test_other_architecture_gives_accuracy_without_latency(plain, data, tmp_path):
+    result = compare(plain, [Profile("arm", "onnxruntime", "fp32", arch="riscv64")], tmp_path, None, data, progress=False)
+    row = {r.name: r for r in result.rows}["arm"]
+    assert row.status == "accuracy only" and row.top1 == 1.0 and row.p50_ms is None and "riscv64" in row.why
+
+
+def test_impossible_gate_fails_compare(plain, data, tmp_path):
+    tight = Profile("ort-int8", "onnxruntime", "int8", threads=1, batch=2, gates=Gates(max_latency_ms=1e-6))
+    result = compare(plain, [tight], tmp_path, data, data, method="minmax", progress=False)
+    row = {r.name: r for r in result.rows}["ort-int8"]
+    assert result.failed and row.status == "gate failed" and "latency" in row.gates_failed[0]
+
+
+def test_cli_compare_exit_code_follows_the_gates(cli, fmnist_ckpt, tmp_path):
+    ok = tmp_path / "ok.toml"
+    ok.write_text('backend = "onnxruntime"\nprecision = "fp32"\nthreads = 1\nbatch = 2\n[gates]\nmax_delta_top1 = 0.5\n')
+    tight = tmp_path / "tight.toml"
+    tight.write_text('backend = "onnxruntime"\nprecision = "fp32"\nthreads = 1\nbatch = 2\n[gates]\nmax_latency_ms = 0.000001\n')
+    code, out, err = cli("-q", "compare", str(fmnist_ckpt), "--profiles", str(ok), "--eval-limit", "30", "-o", str(tmp_path / "a"))
+    assert code == 0, err
+    assert "ok " in out and (tmp_path / "a" / "compare.md").exists()
+    code, out, err = cli("-q", "compare", str(fmnist_ckpt), "--profiles", str(ok), str(tight), "--eval-limit", "30", "-o", str(tmp_path / "b"))
+    assert code == 1 and "failed their gates" in err and "gate failed" in out
+    code, _, err = cli("compare", str(fmnist_ckpt), "--targets", "npu", "-o", str(tmp_path / "c"))
+    assert code == 2 and "unknown target or profile 'npu'" in err and len(err.strip().splitlines()) == 1
