@@ -28,9 +28,10 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class Artifact:
-    """What ``compile`` wrote: the file a runner loads (``path``), every file it wrote
-    (``files``, all inside one folder), and facts for the report (``info``: e.g. the number of
-    convolutions that really run in INT8, a ready build command, why nothing was built)."""
+    """What ``compile`` wrote: the file a runner loads (``path``), the files a deployment needs
+    (``files``, whose total is the reported size; intermediates such as the ONNX an IR came from
+    are named in ``info``), and facts for the report (``info``: e.g. the number of convolutions
+    that really run in INT8, a ready build command, why nothing was built)."""
 
     target: str
     precision: str  # "fp32" | "fp16" | "int8"

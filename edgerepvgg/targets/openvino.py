@@ -225,7 +225,7 @@ class OpenVINOTarget:
         info = {**coverage.to_info(), "ir": str(xml), "onnx": str(onnx_path), "openvino": ov.__version__,
                 "metadata": read_metadata(onnx_path)}  # fmt: skip
         log.info("wrote %s: %d of %d convolutions run in INT8 on this CPU", xml, info["int8_convs"], info["convs"])
-        return Artifact(self.name, precision, xml, (xml, bin_, onnx_path), info)
+        return Artifact(self.name, precision, xml, (xml, bin_), info)  # the ONNX it came from: info['onnx']
 
     def load(self, artifact: Artifact, threads: int | None = None, hint: str = "latency") -> OpenVINORunner:
         """A runner for the IR on this CPU: ``hint`` is "latency" or "throughput"; FP32 stays f32."""
