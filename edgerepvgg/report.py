@@ -119,13 +119,16 @@ def plot_comparison(comparison, path: Path) -> None:
     from edgerepvgg.compare import plot_points
 
     points = plot_points(comparison)
-    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
-    for name, ms, top1 in points:
-        marker = "s" if name.startswith(("pytorch", "emulation")) else "o"
-        ax.scatter(ms, top1, marker=marker, s=40)
-        ax.annotate(name, (ms, top1), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    fig, ax = plt.subplots(figsize=(10, 5), dpi=110)
+    markers = {"fp32": "o", "fp16": "D", "int8": "^"}
+    precision = {r.name: r.precision for r in comparison.rows}
+    for i, (name, ms, top1) in enumerate(points):  # a legend, not labels: close points would overlap
+        marker = "s" if name.startswith("pytorch") else markers.get(precision.get(name, ""), "o")
+        ax.scatter(ms, top1, marker=marker, s=55, color=plt.cm.tab20(i % 20), label=f"{name} ({ms:.2f} ms, {top1:.2f}%)",
+                   edgecolors="black", linewidths=0.4)  # fmt: skip
     if points:
         ax.set_xscale("log")
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     missing = [r.name for r in comparison.rows if r.top1 is not None and r.p50_ms is None]
     title = f"{comparison.model}: top-1 vs batch-1 latency ({comparison.eval_images} images)"
     ax.set_title(title, fontsize=10)
