@@ -36,6 +36,6 @@ def interleaved_latency(runners: dict, x, rounds: int, runs: int, base: str | No
         ref = np.array(out[base]["rounds_p50_ms"])
         for n in names:
             ratios = ref / np.array(out[n]["rounds_p50_ms"])
-            out[n]["speedup_vs_" + base] = float(np.median(ratios))
-            out[n]["speedup_range"] = [float(ratios.min()), float(ratios.max())]
+            out[n][f"speedup_vs_{base}"] = float(np.median(ratios))
+            out[n][f"speedup_vs_{base}_range"] = [float(ratios.min()), float(ratios.max())]
     return out

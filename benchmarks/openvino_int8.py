@@ -38,11 +38,12 @@ import numpy as np
 import torch
 
 from common import CPU_FLAGS, machine_info, md_table
+from common import interleaved_latency as common_interleaved_latency
 
 import edgerepvgg
 from edgerepvgg.checkpoints import load_checkpoint
 from edgerepvgg.data import InputSpec, TensorDataset, calibration_images, fashion_mnist
-from edgerepvgg.evaluate import agreement, measure_latency, predict, topk_accuracy
+from edgerepvgg.evaluate import agreement, predict, topk_accuracy
 from edgerepvgg.fuse import fuse
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
@@ -114,23 +115,8 @@ def coverage_of(xml: Path, threads: int) -> dict[str, Any]:
 
 
 def interleaved_latency(runners: dict[str, Callable], x: np.ndarray, rounds: int, runs: int) -> dict[str, Any]:
-    """Per configuration: median over rounds of the round's p50/p90 (ms); per-round ratios to FP32."""
-    names = list(runners)
-    per_round: dict[str, list] = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % len(names)
-        for n in names[k:] + names[:k]:
-            per_round[n].append(measure_latency(runners[n], x, warmup=5, runs=runs, max_seconds=20))
-    out: dict[str, Any] = {}
-    for n in names:
-        p50 = np.array([lat.p50_ms for lat in per_round[n]])
-        out[n] = {"p50_ms": float(np.median(p50)), "p90_ms": float(np.median([lat.p90_ms for lat in per_round[n]])),
-                  "min_ms": float(min(lat.min_ms for lat in per_round[n])), "rounds_p50_ms": [round(v, 4) for v in p50]}  # fmt: skip
-    base = np.array(out["fp32"]["rounds_p50_ms"])
-    for n in names:
-        ratios = base / np.array(out[n]["rounds_p50_ms"])
-        out[n]["speedup_vs_fp32"] = float(np.median(ratios))
-        out[n]["speedup_vs_fp32_range"] = [float(ratios.min()), float(ratios.max())]
+    """common.interleaved_latency against FP32, plus ours vs NNCF as a median of per-round ratios."""
+    out = common_interleaved_latency(runners, x, rounds, runs, base="fp32")
     if "nncf_int8" in out:
         ratios = np.array(out["nncf_int8"]["rounds_p50_ms"]) / np.array(out["ours_int8"]["rounds_p50_ms"])
         out["ours_vs_nncf"] = {"speedup": float(np.median(ratios)), "range": [float(ratios.min()), float(ratios.max())]}

@@ -122,7 +122,7 @@ def render(result: dict[str, Any]) -> str:
         conv = b["facts"]["int8"]
         cov = f"{conv['int8_convs']}/{conv['convs']}" if "convs" in conv else "graph"
         rows.append([name, b["constraints"], f"{lat['fp32']['p50_ms']:.2f}", f"{lat['int8']['p50_ms']:.2f}",
-                     f"**{lat['int8']['speedup_vs_fp32']:.2f}x** ({lat['int8']['speedup_range'][0]:.2f}-{lat['int8']['speedup_range'][1]:.2f})", cov])  # fmt: skip
+                     f"**{lat['int8']['speedup_vs_fp32']:.2f}x** ({lat['int8']['speedup_vs_fp32_range'][0]:.2f}-{lat['int8']['speedup_vs_fp32_range'][1]:.2f})", cov])  # fmt: skip
     lines += md_table(["backend", "scheme", "FP32 p50 ms", "INT8 p50 ms", "INT8 speed-up (range over rounds)", "INT8 convs"], rows, "llrrrl")
     c = result["compare"]
     lines += ["", f"## compare, bundled model, {c['eval']} ({c['seconds']:.0f} s)", "", c["table"], "",

@@ -46,3 +46,16 @@ def minmax_spec(plain: PlainNet, c: Constraints, x: torch.Tensor | None = None) 
         layers.append(LayerQuant(name, act(name), TensorQuant(c.weight, scales, (0,) * len(scales))))
     out = act("output") if c.int_output else None
     return QuantSpec(c, tuple(layers), act("pool"), out, model_hash(plain), {"method": "test-minmax"})
+
+
+def self_labelled(plain: PlainNet, n: int = 64, seed: int = 3):
+    """``n`` random images labelled by ``plain``'s own predictions (its FP32 top-1 is 100%)."""
+    from edgerepvgg.data import TensorDataset
+
+    gen = torch.Generator().manual_seed(seed)
+    s = plain.input_spec
+    images = torch.randint(0, 256, (n, s.channels, s.size, s.size), dtype=torch.uint8, generator=gen)
+    unlabelled = TensorDataset(images, torch.zeros(n, dtype=torch.long), s, "random")
+    with torch.no_grad():
+        labels = plain(next(iter(unlabelled.batches(n)))[0]).argmax(1)
+    return TensorDataset(images, labels, s, "random, labelled by the FP32 model")

@@ -7,16 +7,14 @@ import csv
 import json
 
 import pytest
-import torch
 
 from edgerepvgg import UserError
 from edgerepvgg.compare import compare
-from edgerepvgg.data import TensorDataset
 from edgerepvgg.profiles import Gates, Profile, load_profile, resolve, shipped_profiles
 from edgerepvgg.report import write_comparison
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
 
-from quant_helpers import tiny_plain
+from quant_helpers import self_labelled, tiny_plain
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +24,7 @@ def plain():
 
 @pytest.fixture(scope="module")
 def data(plain):
-    """64 random images labelled by the FP32 model itself (FP32 top-1 is 100%)."""
-    gen = torch.Generator().manual_seed(5)
-    s = plain.input_spec
-    images = torch.randint(0, 256, (64, s.channels, s.size, s.size), dtype=torch.uint8, generator=gen)
-    unlabelled = TensorDataset(images, torch.zeros(64, dtype=torch.long), s, "random")
-    labels = plain(next(iter(unlabelled.batches(64)))[0]).argmax(1).detach()
-    return TensorDataset(images, labels, s, "random, labelled by the FP32 model")
+    return self_labelled(plain, 64, seed=5)
 
 
 def test_every_shipped_profile_is_valid_and_names_a_known_backend():

@@ -5,17 +5,15 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 
 from edgerepvgg import UserError
-from edgerepvgg.data import TensorDataset
 from edgerepvgg.export import REPORT_FILE, export, references, score
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
 
-from quant_helpers import minmax_spec, tiny_plain
+from quant_helpers import minmax_spec, self_labelled, tiny_plain
 
 
 @pytest.fixture(scope="module")
@@ -25,16 +23,7 @@ def plain():
 
 @pytest.fixture(scope="module")
 def eval_set(plain):
-    """Labels are the FP32 model's own predictions, so FP32 top-1 is exactly 100%."""
-    import torch
-
-    gen = torch.Generator().manual_seed(3)
-    s = plain.input_spec
-    images = torch.randint(0, 256, (64, s.channels, s.size, s.size), dtype=torch.uint8, generator=gen)
-    ds = TensorDataset(images, torch.zeros(64, dtype=torch.long), s, "random")
-    x = next(iter(ds.batches(64)))[0]
-    labels = plain(x).argmax(1).detach()
-    return TensorDataset(images, labels, s, "random, labelled by the FP32 model")
+    return self_labelled(plain, 64, seed=3)
 
 
 def test_int8_export_writes_artifact_and_report_with_all_three_comparisons(plain, eval_set, tmp_path):
