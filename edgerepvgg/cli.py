@@ -364,8 +364,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     spec, origin = _spec_for_target(args, meta, plain, target) if precision == "int8" else (None, "")
     eval_set = None if args.no_eval else evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
     out_dir = Path(args.output or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
-    report = export(plain, target, out_dir, precision, spec, eval_set, threads=args.threads,
-                    latency=not args.no_latency, throughput_batch=args.throughput_batch)  # fmt: skip
+    report = export(plain, target, out_dir, precision, spec, eval_set, threads=args.threads, latency=not args.no_latency,
+                    throughput_batch=args.throughput_batch, fixed_batch=args.fixed_batch)  # fmt: skip
     print(f"{target.name} {precision}: {report.artifact['path']} ({report.artifact['size_bytes'] / 1e6:.2f} MB)" + (f"; {origin}" if origin else ""))
     for key, value in report.artifact["info"].items():
         if key in ("convs", "int8_convs", "float_convs", "qdq_check", "engine_built", "trtexec"):
@@ -559,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     s.add_argument("--threads", type=int, help="runtime threads (default: the runtime's own choice)")
     s.add_argument("--throughput-batch", type=int, default=16, help="batch for the throughput figure (default 16)")
+    s.add_argument("--fixed-batch", type=int, metavar="N", help="fix the artifact's batch dimension to N (ONNX-based targets; "
+                   "default: dynamic); it is then checked and timed at batch N")  # fmt: skip
     s.add_argument("-o", "--output", help="output folder (default export/TARGET-PRECISION)")
     s.set_defaults(func=cmd_export)
 

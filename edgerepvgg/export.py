@@ -24,7 +24,7 @@ from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import QuantSpec, model_hash
-from edgerepvgg.targets import Artifact, Runner, Target, get_target
+from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compile_with_batch, get_target
 
 log = logging.getLogger(__name__)
 
@@ -137,11 +137,12 @@ def _example_batch(plain: PlainNet, batch: int, eval_set: TensorDataset | None) 
     return plain.example_input(batch).detach().cpu().float().numpy()
 
 
-def time_runner(runner: Runner, plain: PlainNet, eval_set: TensorDataset | None, throughput_batch: int = 16,
+def time_runner(runner: Runner, plain: PlainNet, eval_set: TensorDataset | None, batches: tuple[int, ...] = (1, 16),
                 runs: int = 50) -> dict[str, Latency]:  # fmt: skip
-    """Latency at batch 1 and at ``throughput_batch`` (median/p90 of ``runs`` timed calls)."""
+    """Latency at each batch size in ``batches`` (median/p90 of ``runs`` timed calls)."""
     out = {}
-    for name, b in (("batch1", 1), (f"batch{throughput_batch}", throughput_batch)):
+    for b in batches:
+        name = f"batch{b}"
         if b < 1 or name in out:
             continue
         out[name] = measure_latency(runner, _example_batch(plain, b, eval_set), warmup=max(3, runs // 5), runs=runs)
@@ -161,9 +162,11 @@ def export(
     latency: bool = True,
     throughput_batch: int = 16,
     runs: int = 50,
+    fixed_batch: int | None = None,
 ) -> ExportReport:
     """Compile ``plain`` (with ``spec`` for INT8) for ``target`` into ``out_dir``, check its
-    accuracy on ``eval_set`` (if given), time it, and write ``report.json`` beside the artifact."""
+    accuracy on ``eval_set`` (if given), time it, and write ``report.json`` beside the artifact.
+    ``fixed_batch`` fixes the artifact's batch dimension; it is then checked and timed at that batch."""
     target = get_target(target) if isinstance(target, str) else target
     reason = target.available()
     if reason is not None and not getattr(target, "compiles_without_runtime", False):
@@ -174,8 +177,10 @@ def export(
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; pass -o a folder for the artifact and report")
     out_dir.mkdir(parents=True, exist_ok=True)
-    artifact: Artifact = target.compile(plain, spec if precision == "int8" else None, out_dir, precision)
+    artifact: Artifact = compile_with_batch(target, plain, spec if precision == "int8" else None, out_dir, precision, fixed_batch)
     runner = target.load(artifact, threads)
+    if fixed_batch is not None:
+        runner = FixedBatchRunner(runner, fixed_batch)
     emulated = bool(getattr(runner, "emulated", False))
     notes = list(artifact.info.get("notes", ()))
     if emulated:
@@ -188,7 +193,10 @@ def export(
             refs = references(plain, use_spec, eval_set)
         log.info("evaluating %s %s on %d images of %s", target.name, precision, len(eval_set), eval_set.source)
         accuracy = score(predict(runner, eval_set), refs)
-    timings = time_runner(runner, plain, eval_set, throughput_batch, runs) if latency and not emulated else {}
+    timings = {}
+    if latency and not emulated:
+        batches = (fixed_batch,) if fixed_batch is not None else (1, throughput_batch)
+        timings = time_runner(runner, plain, eval_set, batches, runs)
     quant = {}
     if precision == "int8" and spec is not None:
         quant = {"constraints": spec.constraints.name, "spec_sha256": spec.sha256, "calibration": spec.calibration,

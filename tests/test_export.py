@@ -5,15 +5,15 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
+from quant_helpers import minmax_spec, self_labelled, tiny_plain
 
 from edgerepvgg import UserError
 from edgerepvgg.export import REPORT_FILE, export, references, score
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
-
-from quant_helpers import minmax_spec, self_labelled, tiny_plain
 
 
 @pytest.fixture(scope="module")
@@ -150,3 +150,46 @@ def test_cli_targets_lists_every_target_with_why_not(cli):
 
     if TensorRTTarget().available() is not None:
         assert "not available: " in lines["tensorrt"]
+
+
+def test_fixed_batch_export_checks_and_times_at_that_batch(plain, eval_set, tmp_path):
+    dynamic = export(plain, "onnxruntime", tmp_path / "dyn", "fp32", None, eval_set, latency=False)
+    fixed = export(plain, "onnxruntime", tmp_path / "fix", "fp32", None, eval_set, threads=1, fixed_batch=5, runs=5)
+    dims = [d.dim_value for d in onnx.load(str(tmp_path / "fix" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
+    assert dims[0] == 5  # 64 images: 12 full chunks and one padded chunk of 4
+    assert fixed.accuracy.vs_fp32.max_abs < 1e-4 and dynamic.accuracy.vs_fp32.max_abs < 1e-4
+    assert fixed.accuracy.top1 == dynamic.accuracy.top1 and set(fixed.latency) == {"batch5"}
+
+
+def test_fixed_batch_runner_pads_the_last_chunk_and_drops_the_padding():
+    from edgerepvgg.targets import FixedBatchRunner
+
+    seen = []
+
+    def runner(x):
+        seen.append(x.shape[0])
+        return x.reshape(x.shape[0], -1)[:, :2] * 2
+
+    x = np.arange(7 * 2 * 1 * 1, dtype=np.float32).reshape(7, 2, 1, 1)
+    out = FixedBatchRunner(runner, 3)(x)
+    assert seen == [3, 3, 3] and out.shape == (7, 2)
+    np.testing.assert_array_equal(out, x.reshape(7, 2) * 2)
+
+
+def test_fixed_batch_is_refused_where_the_runner_adapts(plain, tmp_path):
+    from edgerepvgg.targets.tflite import TFLiteTarget
+
+    if TFLiteTarget().available() is not None:
+        pytest.skip(TFLiteTarget().available())
+    with pytest.raises(UserError, match="cannot fix the batch"):
+        export(plain, "tflite", tmp_path, "fp32", fixed_batch=4)
+    with pytest.raises(UserError, match="at least 1"):
+        export(plain, "onnxruntime", tmp_path, "fp32", fixed_batch=0)
+
+
+def test_fixed_batch_gives_tensorrt_a_single_shape_profile(plain, tmp_path):
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    report = export(plain, "tensorrt", tmp_path, "int8", spec, latency=False, fixed_batch=4)
+    assert report.artifact["info"]["batch"] == {"min": 4, "opt": 4, "max": 4}
+    script = (tmp_path / "build_engine.sh").read_text()
+    assert "--minShapes=input:4x" in script and "--maxShapes=input:4x" in script

@@ -10,9 +10,9 @@ import importlib
 from dataclasses import dataclass
 
 from edgerepvgg.errors import UserError
-from edgerepvgg.targets.base import Artifact, Runner, Target, check_precision
+from edgerepvgg.targets.base import Artifact, FixedBatchRunner, Runner, Target, check_precision, compile_with_batch
 
-__all__ = ["Artifact", "Runner", "Target", "TargetStatus", "check_precision", "get_target", "list_targets", "target_names"]
+__all__ = ["Artifact", "FixedBatchRunner", "Runner", "Target", "TargetStatus", "check_precision", "compile_with_batch", "get_target", "list_targets", "target_names"]
 
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "edgerepvgg.targets.onnxruntime:OnnxRuntimeTarget",

@@ -8,6 +8,7 @@ never at module import, so ``import edgerepvgg`` stays fast and a missing runtim
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -79,3 +80,37 @@ def check_precision(target: Target, precision: str, spec: QuantSpec | None) -> N
     if precision == "int8" and spec is None:
         raise UserError(f"an INT8 {target.name} build needs a QuantSpec; calibrate first (--images DIR) or pass --spec FILE")
 
+
+
+class FixedBatchRunner:
+    """Runs any number of images through a runner whose artifact takes exactly ``batch`` images:
+    chunks of ``batch``, the last one padded with zeros and its padding dropped from the output."""
+
+    def __init__(self, runner: Runner, batch: int):
+        self.runner, self.batch = runner, batch
+        self.emulated = getattr(runner, "emulated", False)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(batch, np.float32)
+        outs = []
+        for i in range(0, x.shape[0], self.batch):
+            chunk = x[i : i + self.batch]
+            n = chunk.shape[0]
+            if n < self.batch:
+                chunk = np.concatenate([chunk, np.zeros((self.batch - n, *chunk.shape[1:]), np.float32)])
+            outs.append(self.runner(chunk)[:n])
+        return np.concatenate(outs)
+
+
+def compile_with_batch(target: Target, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str,
+                       fixed_batch: int | None) -> Artifact:  # fmt: skip
+    """``target.compile``, with the batch dimension fixed where asked and the target can fix it."""
+    if fixed_batch is None:
+        return target.compile(plain, spec, out_dir, precision)
+    if fixed_batch < 1:
+        raise UserError(f"a fixed batch must be at least 1, got {fixed_batch}")
+    param = inspect.signature(target.compile).parameters.get("batch")
+    if param is None:
+        raise UserError(f"target {target.name!r} cannot fix the batch dimension (its runner adapts to any batch); drop --fixed-batch")
+    batch = (fixed_batch,) * 3 if isinstance(param.default, tuple) else fixed_batch  # TensorRT: a (min, opt, max) profile
+    return target.compile(plain, spec, out_dir, precision, batch=batch)

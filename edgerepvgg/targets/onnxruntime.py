@@ -48,10 +48,12 @@ class OnnxRuntimeTarget:
             return "onnxruntime is not installed; pip install onnxruntime"
         return None
 
-    def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32") -> Artifact:
-        """Write ``model.onnx``: the FP32 graph, or the Q/DQ graph under ``spec``."""
+    def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
+                batch: int | None = None) -> Artifact:  # fmt: skip
+        """Write ``model.onnx``: the FP32 graph, or the Q/DQ graph under ``spec``; ``batch`` fixes
+        the batch dimension (dynamic by default)."""
         check_precision(self, precision, spec)
-        path = write_onnx(plain, Path(out_dir) / "model.onnx", spec if precision == "int8" else None)
+        path = write_onnx(plain, Path(out_dir) / "model.onnx", spec if precision == "int8" else None, batch)
         return Artifact(self.name, precision, path, (path,), {"metadata": read_metadata(path)})
 
     def load(self, artifact: Artifact, threads: int | None = None) -> OnnxRuntimeRunner:

@@ -193,9 +193,10 @@ class OpenVINOTarget:
             return f"OpenVINO finds no CPU device (devices: {', '.join(devices) or 'none'}); reinstall openvino with its CPU plugin"
         return None
 
-    def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32") -> Artifact:
-        """Write ``model.onnx`` and the IR pair ``model.xml``/``model.bin``; for INT8, refuse an IR
-        in which OpenVINO would run a quantized layer in floating point."""
+    def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
+                batch: int | None = None) -> Artifact:  # fmt: skip
+        """Write ``model.onnx`` and the IR pair ``model.xml``/``model.bin`` (batch dynamic, or fixed
+        to ``batch``); for INT8, refuse an IR in which OpenVINO would run a quantized layer in float."""
         import openvino as ov
 
         check_precision(self, precision, spec)
@@ -204,7 +205,7 @@ class OpenVINOTarget:
             self._warn_constraints(spec)
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        onnx_path = write_onnx(plain, out_dir / "model.onnx", spec)
+        onnx_path = write_onnx(plain, out_dir / "model.onnx", spec, batch)
         xml, bin_ = out_dir / "model.xml", out_dir / "model.bin"
         tmp_dir = Path(tempfile.mkdtemp(prefix=".model.ir.", dir=out_dir))
         try:
