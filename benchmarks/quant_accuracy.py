@@ -37,7 +37,7 @@ from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.fuse import fuse
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.quant import constraints_for, load_spec
-from edgerepvgg.quant.calibrate import collect_stats, make_spec
+from edgerepvgg.quant.calibrate import CalibrationConfig, collect_stats, make_spec
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.observers import OBSERVERS
 
@@ -101,7 +101,7 @@ def evaluate_model(name: str, constraints_name: str, qat_dir: Path | None, with_
     stats, stats_s = timed(collect_stats, plain, calib, 64, False)
 
     def ptq_row(setting: str, **kw) -> dict[str, Any]:
-        spec, make_s = timed(make_spec, plain, stats, constraints, **kw)
+        spec, make_s = timed(make_spec, plain, stats, constraints, CalibrationConfig(**kw))
         top1 = top1_of(IntegerNet(plain, spec), test)
         return {"setting": setting, "top1": top1, "seconds": stats_s + make_s}
 

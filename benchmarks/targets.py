@@ -77,7 +77,7 @@ def latency_section(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         if target.available() is not None:
             out["backends"][name] = {"skipped": target.available()}
             continue
-        spec = calibrate(plain, calib, constraints_for(target.constraint_set), method="minmax", progress=False, cache=False)
+        spec = calibrate(plain, calib, constraints_for(target.constraint_set), "minmax", progress=False, cache=False)
         runners, facts = {}, {}
         for precision in ("fp32", "int8"):
             art = target.compile(plain, spec if precision == "int8" else None, work / f"{name}-{precision}", precision)

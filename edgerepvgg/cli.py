@@ -107,6 +107,12 @@ def _constraints(args: argparse.Namespace):
     return constraints_for(args.constraints, weight_bits=args.weight_bits)
 
 
+def _calibration(args: argparse.Namespace):
+    from edgerepvgg.quant.calibrate import CalibrationConfig
+
+    return CalibrationConfig(args.method, args.weight_method, args.percentile)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgerepvgg.data import calibration_images
     from edgerepvgg.quant.calibrate import calibrate, save_spec
@@ -115,8 +121,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     _, meta, plain = _plain_of(args.checkpoint)
     images = calibration_images(meta.input_spec, args.images)
     constraints = _constraints(args)
-    spec = calibrate(plain, images, constraints, args.method, args.weight_method, args.percentile,
-                     batch_size=args.batch_size, progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+    spec = calibrate(plain, images, constraints, _calibration(args), batch_size=args.batch_size, progress=not args.quiet,
+                     cache=False if args.no_cache else None)  # fmt: skip
     if args.max_drop is not None:
         spec = _mixed_precision(args, meta, plain, spec)
         if spec is None:
@@ -179,8 +185,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     images = calibration_images(meta.input_spec, args.images)
     eval_set = evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)
     constraints = _constraints(args)
-    result = analyze(plain, images, eval_set, constraints, args.method, args.weight_method, args.percentile,
-                     batch_size=args.batch_size, progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+    result = analyze(plain, images, eval_set, constraints, _calibration(args), batch_size=args.batch_size,
+                     progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
     json_path, png_path = write(result, out_dir)
     print(f"{plain.name} for {constraints.name} (activations {_grid(constraints.activation)}, weights {_grid(constraints.weight)}): "
           f"statistics from {len(images)} images of {images.source}, accuracy on {len(eval_set)} images of {eval_set.source}")  # fmt: skip
@@ -285,8 +291,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
             images = train_set
         else:
             images = stratified_subset(train_set, max(1, 256 // (int(train_set.labels.max()) + 1)))
-        spec = calibrate(plain, images, _constraints(args), args.method, args.weight_method, args.percentile,
-                         progress=not args.quiet, cache=False if args.no_cache else None)  # fmt: skip
+        spec = calibrate(plain, images, _constraints(args), _calibration(args), progress=not args.quiet,
+                         cache=False if args.no_cache else None)  # fmt: skip
         start = f"calibration on {len(images)} images of {images.source} ({args.method})"
     _, fine_spec, metrics = qat(plain, spec, train_set, eval_set, config, args.out, resume=args.resume, progress=not args.quiet)
     if torch.distributed.is_available() and torch.distributed.is_initialized():

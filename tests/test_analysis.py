@@ -136,7 +136,7 @@ def _sets(plain: PlainNet, n_eval: int = 300) -> tuple[TensorDataset, TensorData
 def bad_analysis():
     plain = bad_channel_net()
     calib, ev = _sets(plain)
-    return plain, calib, ev, analyze(plain, calib, ev, constraints_for("tensorrt"), method="percentile", cache=False)
+    return plain, calib, ev, analyze(plain, calib, ev, constraints_for("tensorrt"), "percentile", cache=False)
 
 
 def test_analysis_names_the_badly_scaled_layer(bad_analysis):

@@ -65,7 +65,7 @@ def test_methods_and_constraint_sets_from_one_pass_are_deterministic(tmp_path):
 def test_per_tensor_weights_share_one_scale_per_layer():
     plain = tiny_plain()
     stats = cal.collect_stats(plain, images(plain), progress=False)
-    spec = make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], "minmax", per_tensor_weights=True)
+    spec = make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], cal.NAIVE)
     assert all(len(set(layer.weight.scale)) == 1 for layer in spec.layers)
     per_channel = make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], "minmax")
     assert any(len(set(layer.weight.scale)) > 1 for layer in per_channel.layers)
@@ -83,3 +83,21 @@ def test_unknown_method_is_a_user_error():
     stats = cal.collect_stats(plain, images(plain, n=2), progress=False)
     with pytest.raises(UserError, match="unknown calibration method 'kl'"):
         make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], "kl")
+
+
+def test_calibration_config_is_validated_and_recorded_in_the_spec():
+    from dataclasses import FrozenInstanceError
+
+    config = cal.CalibrationConfig("percentile", "mse", percentile=99.9)
+    assert config.record() == {"method": "percentile", "weight_method": "mse", "percentile": 99.9}
+    assert cal.CalibrationConfig.of("entropy") == cal.CalibrationConfig(method="entropy")
+    with pytest.raises(FrozenInstanceError):
+        config.method = "minmax"  # type: ignore[misc]
+    for bad, match in ((dict(method="kl"), "unknown calibration method"), (dict(weight_method="l1"), "unknown weight method"),
+                       (dict(percentile=0.0), "percentile must be in")):  # fmt: skip
+        with pytest.raises(UserError, match=match):
+            cal.CalibrationConfig(**bad)
+    plain = tiny_plain()
+    stats = cal.collect_stats(plain, images(plain), progress=False)
+    spec = make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], config)
+    assert {k: spec.calibration[k] for k in ("method", "weight_method", "percentile")} == config.record()

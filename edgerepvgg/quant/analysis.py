@@ -50,7 +50,7 @@ from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.calibrate import CalibrationStats, cached_stats, collect_stats, make_spec
+from edgerepvgg.quant.calibrate import NAIVE, CalibrationConfig, CalibrationStats, cached_stats, collect_stats, make_spec
 from edgerepvgg.quant.emulate import FakeQuantNet, IntegerNet
 from edgerepvgg.quant.observers import _quantile, weight_scales
 from edgerepvgg.quant.spec import Constraints, QuantSpec, Scheme, TensorQuant
@@ -357,15 +357,13 @@ def analyze(
     calib_set: TensorDataset,
     eval_set: TensorDataset,
     constraints: Constraints,
-    method: str = "mse",
-    weight_method: str = "minmax",
-    percentile: float = 99.99,
+    config: CalibrationConfig | str = "mse",
     batch_size: int = 256,
     progress: bool = False,
     cache: Path | None | bool = None,
 ) -> Analysis:
     """Weight, activation and sensitivity analysis of ``plain`` for ``constraints``: naive PTQ
-    (per-tensor min/max weights, min/max activations) against ``method``/``weight_method``.
+    (per-tensor min/max weights, min/max activations) against ``config`` (or a method name).
     Statistics come from ``calib_set`` (through the statistics cache unless ``cache=False``);
     accuracy from the labelled ``eval_set``. Runs the network ``2 * (layers + 2) + 3`` times over
     ``eval_set``: keep it to about a thousand images."""
@@ -375,8 +373,9 @@ def analyze(
         stats = collect_stats(plain, calib_set, progress=progress)
     else:
         stats = cached_stats(plain, calib_set, progress=progress, cache=cache or None)
-    naive = make_spec(plain, stats, constraints, "minmax", "minmax", per_tensor_weights=True)
-    chosen = make_spec(plain, stats, constraints, method, weight_method, percentile)
+    config = CalibrationConfig.of(config)
+    naive = make_spec(plain, stats, constraints, NAIVE)
+    chosen = make_spec(plain, stats, constraints, config)
 
     fp32_logits = predict(plain, eval_set, batch_size)
     fp32_top1 = topk_accuracy(fp32_logits, eval_set.labels)
@@ -399,15 +398,15 @@ def analyze(
         w = modules.get(name)
         rows.append(LayerAnalysis(
             name,
-            weight_stats(w.weight, constraints.weight, weight_method) if w is not None else None,
+            weight_stats(w.weight, constraints.weight, config.weight_method) if w is not None else None,
             activation_stats(stats, name, chosen.pool if name == "pool" else chosen.layer(name).input),
             sens["naive"][name], sens["chosen"][name],
         ))  # fmt: skip
     output = activation_stats(stats, "output", chosen.output)
     result = Analysis(
-        model=plain.name, constraints=constraints.name, method=method, weight_method=weight_method,
+        model=plain.name, constraints=constraints.name, method=config.method, weight_method=config.weight_method,
         calibration={"source": stats.source, "images": stats.images, "fingerprint": stats.fingerprint,
-                     **({"percentile": percentile} if method == "percentile" else {})},
+                     **({"percentile": config.percentile} if config.method == "percentile" else {})},
         evaluation={"source": eval_set.source, "images": len(eval_set)},
         fp32_top1=fp32_top1,
         naive_top1=integer_top1(plain, naive, eval_set, batch_size),

@@ -29,6 +29,44 @@ log = logging.getLogger(__name__)
 WEIGHT_METHODS = ("minmax", "mse")
 
 
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How statistics become scales (after torchao: a small frozen config, applied by one
+    function): the activation range ``method`` (``percentile`` uses ``percentile``), the
+    per-channel weight range method, and ``per_tensor_weights`` (every channel of a layer gets the
+    layer's largest scale: naive PTQ, kept to show what per-channel buys)."""
+
+    method: str = "mse"
+    weight_method: str = "minmax"
+    percentile: float = 99.99
+    per_tensor_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.method not in OBSERVERS:
+            raise UserError(f"unknown calibration method {self.method!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.weight_method not in WEIGHT_METHODS:
+            raise UserError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+        if not 0 < self.percentile <= 100:
+            raise UserError(f"--percentile must be in (0, 100], got {self.percentile}")
+
+    @classmethod
+    def of(cls, config: "CalibrationConfig | str") -> "CalibrationConfig":
+        """A config, or a method name as shorthand for the default config with that method."""
+        return config if isinstance(config, CalibrationConfig) else cls(method=config)
+
+    def record(self) -> dict:
+        """What a QuantSpec's provenance keeps of this config."""
+        d = {"method": self.method, "weight_method": self.weight_method}
+        if self.method == "percentile":
+            d["percentile"] = self.percentile
+        if self.per_tensor_weights:
+            d["per_tensor_weights"] = True
+        return d
+
+
+NAIVE = CalibrationConfig("minmax", "minmax", per_tensor_weights=True)  # per-tensor min/max weights and activations
+
+
 def fingerprint(dataset: TensorDataset) -> str:
     """Hash of the preprocessed images: identical tensors, identical statistics."""
     h = hashlib.sha256(dataset.images.contiguous().numpy().tobytes())
@@ -112,21 +150,9 @@ def _tensor_quant(lo: float, hi: float, scheme) -> TensorQuant:
     return TensorQuant(scheme, (scale,), (zp,))
 
 
-def make_spec(
-    plain: PlainNet,
-    stats: CalibrationStats,
-    constraints: Constraints,
-    method: str = "mse",
-    weight_method: str = "minmax",
-    percentile: float = 99.99,
-    per_tensor_weights: bool = False,
-) -> QuantSpec:
-    """Turn statistics into a QuantSpec for ``constraints``. ``per_tensor_weights`` gives every
-    channel of a layer the same (largest) scale: naive PTQ, kept to show what per-channel buys."""
-    if method not in OBSERVERS:
-        raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(OBSERVERS)}")
-    if weight_method not in WEIGHT_METHODS:
-        raise UserError(f"unknown weight method {weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
+def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints, config: CalibrationConfig | str = "mse") -> QuantSpec:
+    """Turn statistics into a QuantSpec for ``constraints`` under ``config`` (or a method name)."""
+    config = CalibrationConfig.of(config)
     if stats.model_hash != model_hash(plain):
         raise UserError("these calibration statistics were collected on another model; recalibrate")
     act = constraints.activation
@@ -135,23 +161,18 @@ def make_spec(
         if point == "convs.0":  # the network input: normalized 8-bit pixels, whose range is known
             lo, hi = input_range(plain.input_spec)
         else:
-            lo, hi = activation_range(stats.histograms[point], method, act, percentile)
+            lo, hi = activation_range(stats.histograms[point], config.method, act, config.percentile)
         return _tensor_quant(lo, hi, act)
 
     layers = []
     for name, module in zip([f"convs.{i}" for i in range(len(plain.convs))] + ["head"], [*plain.convs, plain.head]):
-        scales = weight_scales(module.weight.detach(), constraints.weight, weight_method)
-        if per_tensor_weights:
+        scales = weight_scales(module.weight.detach(), constraints.weight, config.weight_method)
+        if config.per_tensor_weights:
             scales = torch.full_like(scales, float(scales.max()))
         weight = TensorQuant(constraints.weight, tuple(float(s) for s in scales), (0,) * len(scales))
         layers.append(LayerQuant(name, act_quant(name), weight))
     output = act_quant("output") if constraints.int_output else None
-    calibration = {"method": method, "weight_method": weight_method, "images": stats.images, "source": stats.source,
-                   "fingerprint": stats.fingerprint}  # fmt: skip
-    if method == "percentile":
-        calibration["percentile"] = percentile
-    if per_tensor_weights:
-        calibration["per_tensor_weights"] = True
+    calibration = {**config.record(), "images": stats.images, "source": stats.source, "fingerprint": stats.fingerprint}
     return QuantSpec(constraints, tuple(layers), act_quant("pool"), output, stats.model_hash, calibration)
 
 
@@ -159,19 +180,19 @@ def calibrate(
     plain: PlainNet,
     dataset: TensorDataset,
     constraints: Constraints,
-    method: str = "mse",
-    weight_method: str = "minmax",
-    percentile: float = 99.99,
+    config: CalibrationConfig | str = "mse",
     batch_size: int = 64,
     progress: bool = True,
     cache: Path | None | bool = None,
 ) -> QuantSpec:
-    """Calibrate ``plain`` on ``dataset`` for ``constraints``; ``cache=False`` disables the cache."""
+    """Calibrate ``plain`` on ``dataset`` for ``constraints`` under ``config`` (or a method name);
+    ``cache=False`` disables the statistics cache."""
+    config = CalibrationConfig.of(config)
     if cache is False:
         stats = collect_stats(plain, dataset, batch_size, progress)
     else:
         stats = cached_stats(plain, dataset, batch_size, progress, cache or None)
-    return make_spec(plain, stats, constraints, method, weight_method, percentile)
+    return make_spec(plain, stats, constraints, config)
 
 
 def save_spec(spec: QuantSpec, path: str | Path) -> Path:
