@@ -22,7 +22,7 @@ from edgerepvgg.evaluate import measure_latency, predict
 from edgerepvgg.export import ExportReport, References, export, references, score
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import Profile
-from edgerepvgg.quant.calibrate import calibrate
+from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import QuantSpec, constraints_for
 from edgerepvgg.targets import get_target
@@ -138,7 +138,7 @@ def compare(
     calibration: TensorDataset | None,
     eval_set: TensorDataset,
     train_model: torch.nn.Module | None = None,
-    method: str = "mse",
+    method: CalibrationConfig | str = "mse",
     threads: int | None = None,
     progress: bool = True,
 ) -> Comparison:
