@@ -11,7 +11,7 @@ target (the flatbuffer written from PlainNet + QuantSpec):
   32x32, and agreement of the INT8 .tflite with IntegerNet (and of the FP32 .tflite with the
   PlainNet) over the full Fashion-MNIST test set.
 
-Latency is ``edgerepvgg.evaluate.measure_latency`` at batch 1, repeated in rounds that alternate
+Latency is ``edgerepvgg.evaluate.measure_latency`` at batch 1 (through ``common.interleaved_latency``), in rounds that alternate
 FP32 and INT8 (rotating order), so that load drift on a shared machine hits both alike; the
 figures are medians over rounds of each round's median, and the INT8/FP32 ratio is the median of
 the per-round ratios.
@@ -36,13 +36,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from common import machine_info, md_table
+from common import interleaved_latency, machine_info, md_table
 from fuse_speed import settle_bn
 
 import edgerepvgg
 from edgerepvgg.checkpoints import DEFAULT_MODEL, load_checkpoint
 from edgerepvgg.data import InputSpec, TensorDataset, calibration_images, fashion_mnist, fashion_mnist_available
-from edgerepvgg.evaluate import agreement, measure_latency, predict, topk_accuracy
+from edgerepvgg.evaluate import agreement, predict, topk_accuracy
 from edgerepvgg.fuse import fuse
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
@@ -87,20 +87,13 @@ def time_pair(artifacts: dict[str, Any], batch: np.ndarray, threads: int, rounds
     """Median-of-round-medians latency of each precision and the median per-round INT8/FP32 ratio."""
     target = TFLiteTarget()
     runners = {p: target.load(a, threads=threads) for p, a in artifacts.items()}
-    order = list(runners)
-    p50: dict[str, list[float]] = {p: [] for p in order}
-    p90: dict[str, list[float]] = {p: [] for p in order}
-    for r in range(rounds):
-        for prec in order[r % 2 :] + order[: r % 2]:
-            lat = measure_latency(runners[prec], batch, warmup=3, runs=runs, max_seconds=20)
-            p50[prec].append(lat.p50_ms)
-            p90[prec].append(lat.p90_ms)
-    ratios = [i / f for i, f in zip(p50["int8"], p50["fp32"])]
+    lat = interleaved_latency(runners, batch, rounds, runs, base="fp32")
+    ratios = [1 / r for r in np.array(lat["fp32"]["rounds_p50_ms"]) / np.array(lat["int8"]["rounds_p50_ms"])]
     return {
         "threads": threads, "batch": int(batch.shape[0]), "rounds": rounds, "runs": runs,
-        **{f"{p}_p50_ms": statistics.median(p50[p]) for p in order},
-        **{f"{p}_p90_ms": statistics.median(p90[p]) for p in order},
-        "int8_over_fp32": statistics.median(ratios), "ratios": ratios, "p50_per_round": p50,
+        **{f"{p}_p50_ms": lat[p]["p50_ms"] for p in runners}, **{f"{p}_p90_ms": lat[p]["p90_ms"] for p in runners},
+        "int8_over_fp32": statistics.median(ratios), "ratios": ratios,
+        "p50_per_round": {p: lat[p]["rounds_p50_ms"] for p in runners},
     }  # fmt: skip
 
 
