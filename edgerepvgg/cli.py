@@ -351,7 +351,7 @@ def _pct(x: float | None) -> str:
 def cmd_export(args: argparse.Namespace) -> int:
     from edgerepvgg.data import evaluation_set
     from edgerepvgg.export import REPORT_FILE, export
-    from edgerepvgg.targets import get_target
+    from edgerepvgg.targets import get_target, require_exportable
 
     _check_eval_args(args)
     precision = "int8" if args.int8 else args.precision
@@ -363,9 +363,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         args.weight_bits = args.weight_bits or profile.weight_bits
         args.scheme = profile.constraints
     target = get_target(profile.backend if profile else args.target)
-    reason = target.available()
-    if reason is not None and not getattr(target, "compiles_without_runtime", False):
-        raise UserError(f"target {target.name!r} is not available here: {reason}")
+    require_exportable(target)  # before the model is loaded and calibrated
     _, meta, plain = _plain_of(args.checkpoint)
     spec, origin = _spec_for_target(args, meta, plain, target) if precision == "int8" else (None, "")
     eval_set = None if args.no_eval else evaluation_set(meta.input_spec, args.eval_images, args.eval_limit)

@@ -25,7 +25,7 @@ from edgerepvgg.profiles import Profile
 from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import QuantSpec, constraints_for
-from edgerepvgg.targets import get_target
+from edgerepvgg.targets import cannot_export, get_target
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _row(profile: Profile, report: ExportReport, spec: QuantSpec | None, n_convs
 
 
 def _torch_row(name: str, device: str, precision: str, fn, plain: PlainNet, refs: References, logits: torch.Tensor,
-               eval_set: TensorDataset, batch: int, latency: bool, why: str) -> Row:  # fmt: skip
+               batch: int, latency: bool, why: str) -> Row:  # fmt: skip
     acc = score(logits, refs)
     p50 = p90 = tput = None
     if latency:
@@ -160,11 +160,14 @@ def compare(
         return specs[c.name]
 
     def refs_for(spec: QuantSpec | None) -> References:
+        """One FP32 pass over the evaluation set, one emulation pass per spec."""
         key = spec.sha256 if spec is not None else None
         if key not in refs_by_spec:
-            refs_by_spec[key] = references(plain, spec, eval_set)
+            fp32 = refs_by_spec[None].fp32 if key is not None else None
+            refs_by_spec[key] = references(plain, spec, eval_set, fp32=fp32)
         return refs_by_spec[key]
 
+    fp32_refs = refs_for(None)  # first, so that every spec's references reuse its FP32 logits
     bar = tqdm(profiles, desc="compare", unit="target", disable=not progress)
     for profile in bar:
         bar.set_postfix_str(profile.name)
@@ -173,11 +176,10 @@ def compare(
         except UserError as exc:
             rows.append(Row(profile.name, profile.backend, profile.device, profile.precision, "skipped", str(exc)))
             continue
-        reason = target.available()
         if profile.precision not in target.precisions:
             why = f"{target.name} builds {', '.join(target.precisions)}, not {profile.precision}"
-        elif reason is not None and not getattr(target, "compiles_without_runtime", False):
-            why = reason
+        elif (blocked := cannot_export(target)) is not None:
+            why = blocked
         elif profile.input_size is not None and profile.input_size != plain.input_spec.size:
             why = f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {plain.input_spec.size}x{plain.input_spec.size}"
         else:
@@ -197,20 +199,19 @@ def compare(
         rows.append(_row(profile, report, spec, n_convs, arch_why))
 
     # PyTorch reference rows: the train-time model, the fused PlainNet, and each INT8 emulation.
-    fp32_refs = refs_for(None)
     torch.set_num_threads(torch_threads)
     ref_rows = []
     if train_model is not None:
         train_model = train_model.eval()
         logits = predict(train_model, eval_set)
         ref_rows.append(_torch_row("pytorch-train-time", "this CPU (PyTorch)", "fp32", train_model, plain, fp32_refs, logits,
-                                   eval_set, 16, True, "the multi-branch model before fusion"))  # fmt: skip
+                                   16, True, "the multi-branch model before fusion"))  # fmt: skip
     ref_rows.append(_torch_row("pytorch-fused", "this CPU (PyTorch)", "fp32", plain, plain, fp32_refs, fp32_refs.fp32,
-                               eval_set, 16, True, "the plain 3x3 network every target is compiled from"))  # fmt: skip
+                               16, True, "the plain 3x3 network every target is compiled from"))  # fmt: skip
     for name, spec in specs.items():
         r = refs_for(spec)
         ref_rows.append(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, spec), plain, r,
-                                   r.emulation, eval_set, 16, False, "the referee: what every INT8 target should compute"))  # fmt: skip
+                                   r.emulation, 16, False, "the referee: what every INT8 target should compute"))  # fmt: skip
     return Comparison(tuple(ref_rows + rows), eval_set.source, len(eval_set), plain.name)
 
 

@@ -23,8 +23,8 @@ from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, 
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.quant.spec import QuantSpec, model_hash
-from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compile_with_batch, get_target
+from edgerepvgg.quant.spec import QuantSpec, require_spec_for
+from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compile_with_batch, get_target, require_exportable
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +45,14 @@ class References:
         return topk_accuracy(self.fp32, self.labels)
 
 
-def references(plain: PlainNet, spec: QuantSpec | None, eval_set: TensorDataset, batch_size: int = 256) -> References:
-    """FP32 PyTorch logits and, with a spec, the INT8 emulation's logits on ``eval_set``."""
+def references(plain: PlainNet, spec: QuantSpec | None, eval_set: TensorDataset, batch_size: int = 256,
+               fp32: torch.Tensor | None = None) -> References:  # fmt: skip
+    """FP32 PyTorch logits (``fp32`` if already computed on ``eval_set``) and, with a spec, the
+    INT8 emulation's logits on ``eval_set``."""
     if not eval_set.labelled:
         raise UserError(f"the evaluation set {eval_set.source} has no labels; pass a labelled image folder (one subfolder per class)")
     plain = plain.eval()
-    fp32 = predict(plain, eval_set, batch_size)
+    fp32 = predict(plain, eval_set, batch_size) if fp32 is None else fp32
     emu = predict(IntegerNet(plain, spec), eval_set, batch_size) if spec is not None else None
     return References(eval_set.labels, fp32, emu, eval_set.source)
 
@@ -119,17 +121,6 @@ class ExportReport:
                 "notes": list(self.notes), "machine": machine_info()}  # fmt: skip
 
 
-def check_spec(plain: PlainNet, spec: QuantSpec, target: Target) -> None:
-    """A spec must be made for this model; one made for another constraint set is allowed (one Q/DQ
-    graph serves several targets) but said."""
-    if spec.model_hash != model_hash(plain):
-        raise UserError("the QuantSpec was made for another model (its model hash differs); calibrate this checkpoint, "
-                        "or pass the checkpoint the spec was made with (e.g. the QAT output's model.safetensors)")  # fmt: skip
-    if spec.constraints.name.split("-w")[0] != target.constraint_set:
-        log.warning("the QuantSpec was made for the %s constraint set, the %s target's own is %s",
-                    spec.constraints.name, target.name, target.constraint_set)  # fmt: skip
-
-
 def _example_batch(plain: PlainNet, batch: int, eval_set: TensorDataset | None) -> np.ndarray:
     """Real images for timing where there are enough, else random input of the right shape."""
     if eval_set is not None and len(eval_set) >= batch:
@@ -168,11 +159,9 @@ def export(
     accuracy on ``eval_set`` (if given), time it, and write ``report.json`` beside the artifact.
     ``fixed_batch`` fixes the artifact's batch dimension; it is then checked and timed at that batch."""
     target = get_target(target) if isinstance(target, str) else target
-    reason = target.available()
-    if reason is not None and not getattr(target, "compiles_without_runtime", False):
-        raise UserError(f"target {target.name!r} is not available here: {reason}")
+    require_exportable(target)
     if precision == "int8" and spec is not None:
-        check_spec(plain, spec, target)
+        require_spec_for(plain, spec)  # before anything is written
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise UserError(f"{out_dir} exists and is not a folder; pass -o a folder for the artifact and report")
@@ -184,7 +173,7 @@ def export(
     emulated = bool(getattr(runner, "emulated", False))
     notes = list(artifact.info.get("notes", ()))
     if emulated:
-        notes.append(f"no {target.name} engine ran here ({reason}); accuracy is the Q/DQ graph in ONNX Runtime "
+        notes.append(f"no {target.name} engine ran here ({target.available()}); accuracy is the Q/DQ graph in ONNX Runtime "
                      f"under the {target.constraint_set} constraint set (emulated), and there is no latency")  # fmt: skip
     accuracy = None
     if eval_set is not None:

@@ -382,7 +382,7 @@ def test_int8_engine_builds_and_agrees_with_integer_net(plain, trt_spec, tmp_pat
     a = agreement(torch.from_numpy(runner(x.numpy())), IntegerNet(plain, trt_spec)(x))
     assert a.top1 >= 0.95 and a.cosine > 0.999, a
     lat = runner.latency(batch_size=8, warmup=3, runs=10)
-    assert lat.runs == 10 and lat.p50_ms > 0
+    assert lat.runs == 10 and lat.batch == 8  # timed as asked; speed itself belongs in benchmarks/
 
 
 @needs_engine

@@ -257,6 +257,17 @@ def load_spec(path: str | Path) -> QuantSpec:
     return QuantSpec.from_json(text)
 
 
+def require_spec_for(plain, spec: QuantSpec) -> None:
+    """Refuse a QuantSpec made for another model: its layers must be this PlainNet's and its
+    model hash this PlainNet's weights' (every compiler calls this before writing anything)."""
+    names = [f"convs.{i}" for i in range(len(plain.convs))] + ["head"]
+    if [layer.name for layer in spec.layers] != names:
+        raise UserError(f"the QuantSpec's {len(spec.layers)} layers do not match the model's {len(names)}; calibrate this checkpoint")
+    if spec.model_hash != model_hash(plain):
+        raise UserError("the QuantSpec was made for another model (its model hash differs); calibrate this checkpoint, "
+                        "or pass the checkpoint the spec was made with (e.g. the QAT output's model.safetensors)")  # fmt: skip
+
+
 def model_hash(plain) -> str:
     """A short hash of a PlainNet's weights and structure."""
     h = hashlib.sha256()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from edgerepvgg.errors import UserError
 from edgerepvgg.targets.base import Artifact, FixedBatchRunner, Runner, Target, check_precision, compile_with_batch
 
-__all__ = ["Artifact", "FixedBatchRunner", "Runner", "Target", "TargetStatus", "check_precision", "compile_with_batch", "get_target", "list_targets", "target_names"]
+__all__ = ["Artifact", "FixedBatchRunner", "Runner", "Target", "TargetStatus", "cannot_export", "check_precision", "compile_with_batch", "get_target", "list_targets", "require_exportable", "target_names"]
 
 _REGISTRY: dict[str, str] = {
     "onnxruntime": "edgerepvgg.targets.onnxruntime:OnnxRuntimeTarget",
@@ -40,6 +40,21 @@ def get_target(name: str) -> Target:
             raise UserError(f"target {name!r} is not implemented in this version of edgerepvgg") from None
         raise
     return getattr(module, cls_name)()
+
+
+def cannot_export(target: Target) -> str | None:
+    """Why ``target`` can neither run nor compile here, or ``None``. A target whose runtime is
+    missing may still compile (``compiles_without_runtime``: TensorRT writes its Q/DQ graph and
+    build script, and its runner is the emulation)."""
+    reason = target.available()
+    return None if reason is None or getattr(target, "compiles_without_runtime", False) else reason
+
+
+def require_exportable(target: Target) -> None:
+    """Raise the one-line error for a target that cannot export here."""
+    reason = cannot_export(target)
+    if reason is not None:
+        raise UserError(f"target {target.name!r} is not available here: {reason}")
 
 
 @dataclass(frozen=True)

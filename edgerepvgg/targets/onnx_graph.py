@@ -29,7 +29,7 @@ from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.emulate import quantize
-from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash
+from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash, require_spec_for
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +101,7 @@ def build_model(plain: PlainNet, spec: QuantSpec | None = None, batch: int | Non
     from onnx import TensorProto, checker, helper
 
     if spec is not None:
-        if spec.model_hash != model_hash(plain):
-            raise UserError("the QuantSpec was made for another model (model hash differs); calibrate this checkpoint")
-        if len(spec.layers) != len(plain.convs) + 1:
-            raise UserError(f"the QuantSpec has {len(spec.layers)} layers, the model {len(plain.convs) + 1}; calibrate this checkpoint")
+        require_spec_for(plain, spec)
     b = _Builder()
     int_bias = spec is not None and spec.constraints.int_bias
     x = INPUT
@@ -171,15 +168,18 @@ def simplify(model):
 
 def write_onnx(plain: PlainNet, path: str | Path, spec: QuantSpec | None = None, batch: int | None = None) -> Path:
     """Write the FP32 (simplified) or Q/DQ INT8 graph of ``plain`` to ``path`` atomically."""
+    model = build_model(plain, spec, batch)
+    return save_onnx(simplify(model) if spec is None else model, path)
+
+
+def save_onnx(model, path: str | Path) -> Path:
+    """Write a ModelProto from :func:`build_model` to ``path`` atomically."""
     import onnx
 
-    model = build_model(plain, spec, batch)
-    if spec is None:
-        model = simplify(model)
     path = Path(path)
     with atomic_path(path) as tmp:
         onnx.save_model(model, str(tmp))
-    log.info("wrote %s (%s, %.1f MB)", path, "int8 Q/DQ" if spec else "fp32", path.stat().st_size / 1e6)
+    log.info("wrote %s (%s, %.1f MB)", path, read_metadata(model).get("edgerepvgg.precision", "?"), path.stat().st_size / 1e6)
     return path
 
 

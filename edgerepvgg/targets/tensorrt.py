@@ -30,7 +30,7 @@ from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.spec import QuantSpec
 from edgerepvgg.targets.base import Artifact, check_precision
-from edgerepvgg.targets.onnx_graph import INPUT, OUTPUT, build_model, read_metadata, write_onnx
+from edgerepvgg.targets.onnx_graph import INPUT, OUTPUT, build_model, read_metadata, save_onnx, write_onnx
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeRunner
 
 log = logging.getLogger(__name__)
@@ -507,9 +507,12 @@ class TensorRTTarget:
         qspec = spec if precision == "int8" else None
         info: dict = {"batch": dict(zip(("min", "opt", "max"), options.batch)), "workspace_mb": workspace_mb,
                       "strongly_typed": strongly_typed(precision)}  # fmt: skip
-        if qspec is not None:
-            require_explicit_quantization(build_model(plain, qspec))
-        onnx_path = write_onnx(plain, out_dir / ONNX_FILE, qspec)
+        if qspec is not None:  # checked before anything is written
+            model = build_model(plain, qspec)
+            require_explicit_quantization(model)
+            onnx_path = save_onnx(model, out_dir / ONNX_FILE)
+        else:
+            onnx_path = write_onnx(plain, out_dir / ONNX_FILE)
         if qspec is not None:
             info["qdq_check"] = "passed"
             info["graph_quantized_layers"] = len(quantized_layers(onnx_path))

@@ -35,7 +35,7 @@ from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path
 from edgerepvgg.plain import PlainNet, conv_output_size
 from edgerepvgg.quant.emulate import quantize, round_mode
-from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash
+from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash, require_spec_for
 from edgerepvgg.targets.base import Artifact, check_precision
 
 log = logging.getLogger(__name__)
@@ -112,11 +112,7 @@ def _act_quant(q: TensorQuant) -> _Quant:
 
 def _check_spec(plain: PlainNet, spec: QuantSpec) -> None:
     """Refuse a spec that full-integer TFLite cannot express or that was made for another model."""
-    names = [f"convs.{i}" for i in range(len(plain.convs))] + ["head"]
-    if [layer.name for layer in spec.layers] != names:
-        raise UserError(f"the QuantSpec's {len(spec.layers)} layers do not match the model's {len(names)}; recalibrate for this model")
-    if spec.model_hash != model_hash(plain):
-        raise UserError("this QuantSpec was made for another model (its model hash differs); recalibrate for this model")
+    require_spec_for(plain, spec)
     floats = [layer.name for layer in spec.layers if layer.precision == "float"]
     if floats:
         raise UserError(f"full-integer TFLite cannot keep layers in float (mixed precision: {', '.join(floats[:4])}); "
