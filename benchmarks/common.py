@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from edgerepvgg.report import CPU_FLAGS, machine_info  # noqa: F401  (re-exported for the benchmarks)
+from edgerepvgg.machine import CPU_FLAGS, machine_info  # noqa: F401  (re-exported for the benchmarks)
 
 
 def md_table(header: list[str], rows: list[list[Any]], align: str) -> list[str]:

@@ -45,7 +45,7 @@ from tqdm import tqdm
 
 import edgerepvgg
 from common import CPU_FLAGS, machine_info, md_table
-from edgerepvgg.fuse import compare_outputs
+from edgerepvgg._fuse import compare_outputs
 from edgerepvgg.io import atomic_path, write_text_atomic
 
 log = logging.getLogger("fuse_speed")

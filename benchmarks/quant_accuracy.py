@@ -34,7 +34,7 @@ from common import machine_info, md_table
 from edgerepvgg.checkpoints import BUNDLED, load_checkpoint
 from edgerepvgg.data import calibration_images, fashion_mnist
 from edgerepvgg.evaluate import predict, topk_accuracy
-from edgerepvgg.fuse import fuse
+from edgerepvgg._fuse import fuse
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.quant import constraints_for, load_spec
 from edgerepvgg.quant.calibrate import CalibrationConfig, collect_stats, make_spec

@@ -28,9 +28,10 @@ from common import interleaved_latency, machine_info, md_table
 
 import edgerepvgg
 from edgerepvgg.checkpoints import load_checkpoint
-from edgerepvgg.compare import compare, table_rows
+from edgerepvgg._compare import compare
+from edgerepvgg.report import table_rows
 from edgerepvgg.data import InputSpec, TensorDataset, calibration_images, evaluation_set
-from edgerepvgg.fuse import fuse
+from edgerepvgg._fuse import fuse
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.profiles import load_profile, shipped_profiles
 from edgerepvgg.quant import constraints_for

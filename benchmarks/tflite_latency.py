@@ -43,7 +43,7 @@ import edgerepvgg
 from edgerepvgg.checkpoints import DEFAULT_MODEL, load_checkpoint
 from edgerepvgg.data import InputSpec, TensorDataset, calibration_images, fashion_mnist, fashion_mnist_available
 from edgerepvgg.evaluate import agreement, predict, topk_accuracy
-from edgerepvgg.fuse import fuse
+from edgerepvgg._fuse import fuse
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant import constraints_for

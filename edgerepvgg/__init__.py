@@ -4,9 +4,9 @@ Data flows one way: checkpoint -> PlainNet (fuse) -> QuantSpec -> target artifac
 """
 
 from edgerepvgg.checkpoints import ModelMeta, load_checkpoint, save_checkpoint
-from edgerepvgg.data import InputSpec
+from edgerepvgg.inputs import InputSpec
 from edgerepvgg.errors import UserError
-from edgerepvgg.fuse import fuse, reparameterize
+from edgerepvgg._fuse import fuse, reparameterize
 from edgerepvgg.models import create_model, list_models
 from edgerepvgg.plain import PlainNet
 

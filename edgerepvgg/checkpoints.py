@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgerepvgg.data import InputSpec
+from edgerepvgg.inputs import InputSpec, default_spec
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path
 from edgerepvgg.models import VARIANTS, RepVGG, create_model, resolve_variant
@@ -66,11 +66,6 @@ class ModelMeta:
 
     def build(self) -> RepVGG:
         return create_model(self.variant, self.num_classes, self.in_chans, self.block, deploy=self.fused)
-
-
-def default_spec(in_chans: int) -> InputSpec:
-    """ImageNet preprocessing for 3 channels; a neutral 0.5/0.5 normalization otherwise."""
-    return InputSpec() if in_chans == 3 else InputSpec(channels=in_chans, mean=(0.5,) * in_chans, std=(0.5,) * in_chans)
 
 
 def meta_for(model: RepVGG, input_spec: InputSpec | None = None, **extra) -> ModelMeta:

@@ -36,7 +36,7 @@ def _load_any(ref: str | None, num_classes: int, in_chans: int, block: str):
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from edgerepvgg.fuse import to_plain
+    from edgerepvgg._fuse import to_plain
     from edgerepvgg.plain import count_macs
 
     model, meta = _load_any(args.model, args.num_classes, args.in_chans, args.block)
@@ -76,7 +76,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from edgerepvgg.checkpoints import load_checkpoint, save_checkpoint
-    from edgerepvgg.fuse import fuse, reparameterize
+    from edgerepvgg._fuse import fuse, reparameterize
 
     model, meta = load_checkpoint(args.checkpoint)
     _, checks = fuse(model, meta.input_spec)
@@ -94,7 +94,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 def _plain_of(ref: str | None):
     """Load a checkpoint and fuse it (the check runs; a failure is a bug, not a user error)."""
     from edgerepvgg.checkpoints import load_checkpoint
-    from edgerepvgg.fuse import fuse
+    from edgerepvgg._fuse import fuse
 
     model, meta = load_checkpoint(ref)
     plain, _ = fuse(model, meta.input_spec)
@@ -350,7 +350,7 @@ def _pct(x: float | None) -> str:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgerepvgg.data import evaluation_set
-    from edgerepvgg.export import REPORT_FILE, export
+    from edgerepvgg._export import REPORT_FILE, export
     from edgerepvgg.targets import get_target, require_exportable
 
     _check_eval_args(args)
@@ -392,8 +392,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from edgerepvgg.compare import table_rows
-    from edgerepvgg.compare import compare as run_compare
+    from edgerepvgg.report import table_rows
+    from edgerepvgg._compare import compare as run_compare
     from edgerepvgg.data import calibration_images, evaluation_set
     from edgerepvgg.profiles import resolve, shipped_profiles
     from edgerepvgg.report import text_table, write_comparison

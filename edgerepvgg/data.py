@@ -1,8 +1,5 @@
-"""Input specification, image decoding and the data sets every stage reads.
-
-The preprocessing (resize, center crop, channels, mean/std) is part of the model: it travels in
-every checkpoint as an :class:`InputSpec`, so training, calibration, evaluation and every target
-see exactly the same tensors.
+"""Image decoding and the data sets every stage reads, preprocessed with the model's
+:class:`~edgerepvgg.inputs.InputSpec`.
 
 Image folders come in two layouts. A *labelled* folder (:func:`image_folder`) has one subfolder
 per class, ImageFolder style; a *flat* folder (:func:`image_files`) is any tree of unlabelled
@@ -21,7 +18,7 @@ import re
 import struct
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +26,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from edgerepvgg.errors import UserError
+from edgerepvgg.inputs import FASHION_MNIST_CLASSES, InputSpec, fashion_mnist_spec, is_fashion_mnist_spec  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -41,59 +39,11 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 # decode, and equals PIL's error threshold.
 MAX_IMAGE_PIXELS = 178_956_970
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES = (
-    "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
-    "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
-)  # fmt: skip
 _BUNDLED = Path(__file__).resolve().parent / "_bundled"  # symlink to ../calibration in a checkout
 
 # What PIL raises for a file that is not a readable image (UnidentifiedImageError and a truncated
 # file's error are OSErrors). Nothing broader: a bug must not pass for a bad file.
 _DECODE_ERRORS = (OSError, ValueError, EOFError, SyntaxError, struct.error, Image.DecompressionBombError)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """What the network expects: a ``size`` x ``size`` crop of an image whose shorter side was
-    resized to ``resize``, with ``channels`` channels, scaled to [0, 1] and normalized."""
-
-    size: int = 224
-    resize: int = 256
-    channels: int = 3
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
-    class_names: tuple[str, ...] = field(default=())
-
-    def __post_init__(self) -> None:
-        if self.channels not in (1, 3):
-            raise ValueError(f"channels must be 1 or 3, got {self.channels}")
-        if len(self.mean) != self.channels or len(self.std) != self.channels:
-            raise ValueError("mean and std need one value per channel")
-        if self.resize < self.size:
-            raise ValueError(f"resize ({self.resize}) must be at least size ({self.size})")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "InputSpec":
-        d = dict(d)
-        for key in ("mean", "std", "class_names"):
-            if key in d:
-                d[key] = tuple(d[key])
-        return cls(**d)
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 NCHW (or CHW) in [0, 255] -> normalized float32."""
-        shape = (-1, 1, 1)
-        mean = torch.tensor(self.mean, dtype=torch.float32).reshape(shape)
-        std = torch.tensor(self.std, dtype=torch.float32).reshape(shape)
-        return (images.float() / 255.0 - mean) / std
-
-
-def fashion_mnist_spec() -> InputSpec:
-    """The input spec of the bundled default models: 28x28 grayscale resized to 32x32."""
-    return InputSpec(size=32, resize=32, channels=1, mean=(0.2860,), std=(0.3530,), class_names=FASHION_MNIST_CLASSES)
 
 
 def slugify(name: str) -> str:
@@ -500,10 +450,6 @@ def fashion_mnist(split: str, spec: InputSpec, root: str | Path | None = None, l
     where = Path(root) if root is not None else FASHION_MNIST_DIR
     source = f"fashion-mnist:{split} ({where})"
     return TensorDataset(prepare_arrays(images, spec), torch.from_numpy(labels), spec, source, FASHION_MNIST_CLASSES)
-
-
-def is_fashion_mnist_spec(spec: InputSpec) -> bool:
-    return spec.class_names == FASHION_MNIST_CLASSES
 
 
 def calibration_images(spec: InputSpec, images: str | Path | None = None) -> TensorDataset:

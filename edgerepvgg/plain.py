@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgerepvgg.data import InputSpec
+from edgerepvgg.inputs import InputSpec
 
 
 Observe = Callable[[str, torch.Tensor], None]

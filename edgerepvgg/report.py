@@ -1,59 +1,55 @@
-"""What a report records besides its numbers: the machine they were measured on."""
+"""The comparison table as a person reads it: console text, JSON, CSV, Markdown and a plot."""
 
 from __future__ import annotations
 
-import datetime
-import functools
-import importlib.metadata
-import os
-import platform
+import csv
+import io
+import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
-CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "neon", "asimd")
-PACKAGES = ("torch", "onnx", "onnxruntime", "openvino", "ai-edge-litert", "tensorrt")
+import numpy as np
 
+from edgerepvgg.io import atomic_path, write_text_atomic
+from edgerepvgg.machine import machine_info
 
-@functools.cache
-def _cpu() -> tuple[str, str, frozenset[str]]:
-    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    fields = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in text.splitlines() if ":" in line)}
-    flags = frozenset((fields.get("flags") or fields.get("Features") or "").split())
-    return fields.get("model name", platform.processor() or "unknown"), f"{fields.get('cpu family', '?')}/{fields.get('model', '?')}", flags
+if TYPE_CHECKING:
+    from edgerepvgg._compare import Comparison
 
 
-def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """Installed versions of ``packages`` (distribution names), 'not installed' otherwise."""
-    out = {}
-    for name in packages:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
+def _fmt(v, kind: str) -> str:
+    if v is None:
+        return "-"
+    if kind == "pct":
+        return f"{100 * v:.2f}"
+    if kind == "pts":
+        return f"{v:+.2f}"
+    if kind == "ms":
+        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
+    if kind == "ips":
+        return f"{v:.0f}"
+    if kind == "mb":
+        return f"{v:.2f}"
+    return str(v)
 
 
-def machine_info(threads: int | None = None, packages: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
-    """CPU, cores, the ISA flags that decide integer speed, library versions, load and time."""
-    cpu, family_model, flags = _cpu()
-    return {
-        "cpu": cpu,
-        "cpu_family_model": family_model,
-        "cores": os.cpu_count(),
-        "cores_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "isa": [f for f in CPU_FLAGS if f in flags],
-        "hypervisor": "hypervisor" in flags,
-        "threads": threads,
-        "load_avg_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        **versions(packages),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    }
+COLUMNS = (("target", "name", ""), ("backend", "backend", ""), ("precision", "precision", ""), ("top-1 %", "top1", "pct"),
+           ("Δtop-1", "delta_top1", "pts"), ("agree FP32 %", "agree_fp32", "pct"), ("agree emu %", "agree_emulation", "pct"),
+           ("INT8 convs", "int8_convs", ""), ("p50 ms", "p50_ms", "ms"), ("p90 ms", "p90_ms", "ms"),
+           ("img/s", "throughput_ips", "ips"), ("batch", "throughput_batch", ""), ("MB", "size_mb", "mb"), ("status", "status", ""))  # fmt: skip
 
 
-# ---------------------------------------------------------------------------------------------
-# The comparison table: console, JSON, CSV, Markdown and a plot
+def table_rows(comparison: "Comparison") -> tuple[list[str], list[list[str]]]:
+    """Header and formatted cells, shared by the console table, Markdown and CSV."""
+    header = [c[0] for c in COLUMNS]
+    body = [[_fmt(getattr(r, attr), kind) if attr else "" for _, attr, kind in COLUMNS] for r in comparison.rows]
+    return header, body
+
+
+def plot_points(comparison: "Comparison") -> list[tuple[str, float, float]]:
+    """(name, batch-1 p50 ms, top-1 %) for every row with both figures."""
+    return [(r.name, r.p50_ms, 100 * r.top1) for r in comparison.rows if r.p50_ms is not None and r.top1 is not None
+            and np.isfinite(r.p50_ms)]  # fmt: skip
 
 
 def text_table(header: list[str], rows: list[list[str]]) -> str:
@@ -75,15 +71,8 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join("| " + " | ".join(cells) + " |" for cells in [header, align, *rows])
 
 
-def write_comparison(comparison, out_dir: str | Path) -> dict[str, Path]:
+def write_comparison(comparison: "Comparison", out_dir: str | Path) -> dict[str, Path]:
     """Write ``compare.json``, ``compare.csv``, ``compare.md`` and ``compare.png`` atomically."""
-    import csv
-    import io
-    import json
-
-    from edgerepvgg.compare import table_rows
-    from edgerepvgg.io import atomic_path, write_text_atomic
-
     out_dir = Path(out_dir)
     header, body = table_rows(comparison)
     machine = machine_info()
@@ -109,14 +98,13 @@ def write_comparison(comparison, out_dir: str | Path) -> dict[str, Path]:
     return paths
 
 
-def plot_comparison(comparison, path: Path) -> None:
+def plot_comparison(comparison: "Comparison", path: Path) -> None:
     """Top-1 against batch-1 latency, one labelled point per row that has both."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from edgerepvgg.compare import plot_points
 
     points = plot_points(comparison)
     fig, ax = plt.subplots(figsize=(10, 5), dpi=110)

@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 from edgerepvgg.checkpoints import ModelMeta, infer_meta, load_checkpoint, meta_for, save_checkpoint, to_official
 from edgerepvgg.data import fashion_mnist_spec
 from edgerepvgg.errors import UserError
-from edgerepvgg.fuse import reparameterize
+from edgerepvgg._fuse import reparameterize
 from edgerepvgg.models import VARIANTS, RepVGG, create_model
 
 from conftest import randomize_bn

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from edgerepvgg import UserError
-from edgerepvgg.compare import compare
+from edgerepvgg._compare import compare
 from edgerepvgg.profiles import Gates, Profile, load_profile, resolve, shipped_profiles
 from edgerepvgg.report import write_comparison
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget

@@ -11,7 +11,7 @@ import pytest
 from quant_helpers import minmax_spec, self_labelled, tiny_plain
 
 from edgerepvgg import UserError
-from edgerepvgg.export import REPORT_FILE, export, references, score
+from edgerepvgg._export import REPORT_FILE, export, references, score
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
 

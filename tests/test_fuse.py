@@ -11,12 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edgerepvgg import InputSpec, PlainNet, create_model, fuse, reparameterize
-from edgerepvgg.fuse import TOLERANCE, check_equivalence, to_plain
+from edgerepvgg._fuse import TOLERANCE, check_equivalence, to_plain
 from edgerepvgg.models import VARIANTS, QARepVGGBlock, RepVGGBlock
 
 from conftest import randomize_bn
 
-fuse_mod = importlib.import_module("edgerepvgg.fuse")  # the package re-exports the function `fuse`
+fuse_mod = importlib.import_module("edgerepvgg._fuse")  # the package re-exports the function `fuse`
 
 
 @settings(max_examples=40, deadline=None)

@@ -126,7 +126,7 @@ def test_bundled_model_int8_agrees_with_the_integer_net(tmp_path, one_thread):
     from edgerepvgg.checkpoints import load_checkpoint
     from edgerepvgg.data import calibration_images, evaluation_set
     from edgerepvgg.evaluate import agreement, predict, topk_accuracy
-    from edgerepvgg.fuse import fuse
+    from edgerepvgg._fuse import fuse
     from edgerepvgg.quant.calibrate import calibrate
 
     model, meta = load_checkpoint()

@@ -20,11 +20,11 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import platform
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from edgerepvgg.errors import UserError
+from edgerepvgg.machine import needs_reduced_weight_range
 
 SPEC_VERSION = 1
 
@@ -94,27 +94,6 @@ CONSTRAINT_SETS: dict[str, Constraints] = {
                     note="ONNX Runtime CPU: u8 activations, s8 weights (QLinearConv)"),
     )
 }  # fmt: skip
-
-
-def cpu_flags() -> set[str]:
-    """Instruction-set flags of this CPU (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def needs_reduced_weight_range(flags: set[str] | None = None) -> bool:
-    """x86 CPUs without VNNI multiply u8 x s8 pairs with vpmaddubsw, whose int16 intermediate
-    saturates for full 8-bit weights; 7-bit weights are exact there (DESIGN.md, NNCF's overflow fix)."""
-    if platform.machine().lower() not in ("x86_64", "amd64", "i686", "x86"):
-        return False
-    flags = cpu_flags() if flags is None else flags
-    return not ({"avx512_vnni", "avx_vnni", "avx512vnni"} & flags)
 
 
 def constraints_for(name: str, host: bool = True, weight_bits: int | None = None) -> Constraints:

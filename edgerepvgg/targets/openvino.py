@@ -28,7 +28,8 @@ import numpy as np
 
 from edgerepvgg.errors import UserError
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.spec import QuantSpec, needs_reduced_weight_range
+from edgerepvgg.machine import needs_reduced_weight_range
+from edgerepvgg.quant.spec import QuantSpec
 from edgerepvgg.targets.base import Artifact, check_precision
 from edgerepvgg.targets.onnx_graph import read_metadata, write_onnx
 

@@ -21,6 +21,7 @@ from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, predict, topk_accuracy
 from edgerepvgg.io import write_text_atomic
+from edgerepvgg.machine import machine_info
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import QuantSpec, require_spec_for
@@ -113,8 +114,6 @@ class ExportReport:
         return "emulated" if self.emulated else "ok"
 
     def to_dict(self) -> dict:
-        from edgerepvgg.report import machine_info
-
         return {"target": self.target, "precision": self.precision, "status": self.status, "emulated": self.emulated,
                 "artifact": self.artifact, "accuracy": self.accuracy.to_dict() if self.accuracy else None,
                 "latency": {k: v.to_dict() for k, v in self.latency.items()}, "quant": self.quant,

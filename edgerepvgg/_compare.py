@@ -12,14 +12,13 @@ import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import measure_latency, predict
-from edgerepvgg.export import ExportReport, References, export, references, score
+from edgerepvgg._export import ExportReport, References, export, references, score
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import Profile
 from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
@@ -213,38 +212,3 @@ def compare(
         ref_rows.append(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, spec), plain, r,
                                    r.emulation, 16, False, "the referee: what every INT8 target should compute"))  # fmt: skip
     return Comparison(tuple(ref_rows + rows), eval_set.source, len(eval_set), plain.name)
-
-
-def _fmt(v, kind: str) -> str:
-    if v is None:
-        return "-"
-    if kind == "pct":
-        return f"{100 * v:.2f}"
-    if kind == "pts":
-        return f"{v:+.2f}"
-    if kind == "ms":
-        return f"{v:.3f}" if v < 10 else f"{v:.1f}"
-    if kind == "ips":
-        return f"{v:.0f}"
-    if kind == "mb":
-        return f"{v:.2f}"
-    return str(v)
-
-
-COLUMNS = (("target", "name", ""), ("backend", "backend", ""), ("precision", "precision", ""), ("top-1 %", "top1", "pct"),
-           ("Δtop-1", "delta_top1", "pts"), ("agree FP32 %", "agree_fp32", "pct"), ("agree emu %", "agree_emulation", "pct"),
-           ("INT8 convs", "int8_convs", ""), ("p50 ms", "p50_ms", "ms"), ("p90 ms", "p90_ms", "ms"),
-           ("img/s", "throughput_ips", "ips"), ("batch", "throughput_batch", ""), ("MB", "size_mb", "mb"), ("status", "status", ""))  # fmt: skip
-
-
-def table_rows(comparison: Comparison) -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells, shared by the console table, Markdown and CSV."""
-    header = [c[0] for c in COLUMNS]
-    body = [[_fmt(getattr(r, attr), kind) if attr else "" for _, attr, kind in COLUMNS] for r in comparison.rows]
-    return header, body
-
-
-def plot_points(comparison: Comparison) -> list[tuple[str, float, float]]:
-    """(name, batch-1 p50 ms, top-1 %) for every row with both figures."""
-    return [(r.name, r.p50_ms, 100 * r.top1) for r in comparison.rows if r.p50_ms is not None and r.top1 is not None
-            and np.isfinite(r.p50_ms)]  # fmt: skip

@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from edgerepvgg.checkpoints import default_spec
-from edgerepvgg.data import InputSpec
+from edgerepvgg.inputs import InputSpec, default_spec
 from edgerepvgg.models import RepVGG
 from edgerepvgg.plain import PlainNet
 
