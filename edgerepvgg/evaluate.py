@@ -44,6 +44,18 @@ class Agreement:
         return {**asdict(self), "sqnr_db": self.sqnr_db if math.isfinite(self.sqnr_db) else None}
 
 
+def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum ref^2 / sum (ref - approx)^2)``."""
+    ref, approx = ref.detach().double(), approx.detach().double()
+    noise = float(((ref - approx) ** 2).sum())
+    signal = float((ref**2).sum())
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10.0 * math.log10(signal / noise)
+
+
 def agreement(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:
     """Compare ``logits`` with ``reference`` (same rows, same classes)."""
     if logits.shape != reference.shape:
@@ -51,9 +63,7 @@ def agreement(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:
     a, r = logits.double(), reference.double()
     top1 = float((a.argmax(1) == r.argmax(1)).double().mean())
     cosine = float(torch.nn.functional.cosine_similarity(a.flatten(), r.flatten(), dim=0))
-    noise = float(((a - r) ** 2).sum())
-    sqnr = math.inf if noise == 0 else 10 * math.log10(float((r**2).sum()) / noise)
-    return Agreement(top1, cosine, sqnr, float((a - r).abs().max()))
+    return Agreement(top1, cosine, sqnr_db(r, a), float((a - r).abs().max()))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ import numpy as np
 import torch
 
 from edgerepvgg.data import TensorDataset
+from edgerepvgg.evaluate import sqnr_db  # noqa: F401  (part of this module's statistics)
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.io import atomic_path, write_text_atomic
@@ -63,18 +64,6 @@ ANALYSIS_VERSION = 1
 
 # ---------------------------------------------------------------------------------------------
 # Statistics, each checkable by hand
-
-
-def sqnr_db(ref: torch.Tensor, approx: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB: ``10 log10(sum ref^2 / sum (ref - approx)^2)``."""
-    ref, approx = ref.detach().double(), approx.detach().double()
-    noise = float(((ref - approx) ** 2).sum())
-    signal = float((ref**2).sum())
-    if noise == 0:
-        return math.inf
-    if signal == 0:
-        return -math.inf
-    return 10.0 * math.log10(signal / noise)
 
 
 def excess_kurtosis(values: torch.Tensor) -> float:
