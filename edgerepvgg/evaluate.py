@@ -7,17 +7,27 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from edgerepvgg.data import TensorDataset
 
+if TYPE_CHECKING:
+    from edgerepvgg.targets.base import Runner
+
 
 @torch.no_grad()
-def predict(fn: Callable[[torch.Tensor], torch.Tensor], dataset: TensorDataset, batch_size: int = 256) -> torch.Tensor:
-    """Run ``fn`` (a module or any target runner) over the data set; return all logits (N, K)."""
-    outs = [torch.as_tensor(fn(x)).float() for x, _ in dataset.batches(batch_size)]
+def predict(fn: torch.nn.Module | Runner | Callable[[torch.Tensor], torch.Tensor], dataset: TensorDataset,
+            batch_size: int = 256) -> torch.Tensor:  # fmt: skip
+    """Run ``fn`` over the data set; return all logits (N, K). A target runner (anything that
+    satisfies ``targets.Runner``: it declares ``emulated``) gets numpy batches, as its protocol
+    says; a module, or any other function, gets torch tensors."""
+    from edgerepvgg.targets.base import Runner  # evaluate sits below targets (quant uses it)
+
+    as_numpy = not isinstance(fn, torch.nn.Module) and isinstance(fn, Runner)
+    outs = [torch.as_tensor(fn(x.numpy() if as_numpy else x)).float() for x, _ in dataset.batches(batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 

@@ -20,17 +20,8 @@ from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import constraints_for
 from edgerepvgg.targets import Artifact, get_target
 from edgerepvgg.targets.onnx_graph import build_model, read_metadata
-from edgerepvgg.targets.tensorrt import (
-    NOT_INSTALLED,
-    EmulatedTensorRTRunner,
-    TensorRTTarget,
-    Violation,
-    check_explicit_quantization,
-    quantized_layers,
-    require_explicit_quantization,
-    summarize_layers,
-    trtexec_command,
-)
+from edgerepvgg.targets.qdq_rules import Violation, check_explicit_quantization, quantized_layers, require_explicit_quantization
+from edgerepvgg.targets.tensorrt import NOT_INSTALLED, EmulatedTensorRTRunner, TensorRTTarget, summarize_layers, trtexec_command
 
 from quant_helpers import minmax_spec, tiny_plain
 
@@ -212,7 +203,7 @@ def test_violations_are_frozen_and_readable():
 
 def test_registry_and_availability():
     t = get_target("tensorrt")
-    assert isinstance(t, TensorRTTarget) and t.runs_here == (TRT_REASON is None)
+    assert isinstance(t, TensorRTTarget) and (t.available() is None) == (TRT_REASON is None)
     assert (t.name, t.constraint_set, t.precisions) == ("tensorrt", "tensorrt", ("fp32", "fp16", "int8"))
     if importlib.util.find_spec("tensorrt") is None:
         assert t.available() == NOT_INSTALLED
@@ -290,7 +281,7 @@ def test_compile_checks_its_arguments(plain, trt_spec, tmp_path):
     with pytest.raises(UserError, match="not 'int4'"):
         t.compile(plain, trt_spec, tmp_path, "int4")
     with pytest.raises(UserError, match="min <= opt <= max"):
-        t.compile(plain, trt_spec, tmp_path, "int8", batch=(8, 1, 32))
+        t.compile(plain, trt_spec, tmp_path, "int8", profile=(8, 1, 32))
 
 
 @without_engine
@@ -370,7 +361,7 @@ def test_emulated_runner_matches_integer_net_on_the_bundled_model(tmp_path, one_
 @needs_engine
 def test_int8_engine_builds_and_agrees_with_integer_net(plain, trt_spec, tmp_path):
     t = TensorRTTarget()
-    art = t.compile(plain, trt_spec, tmp_path, "int8", batch=(1, 8, 32), workspace_mb=256)
+    art = t.compile(plain, trt_spec, tmp_path, "int8", profile=(1, 8, 32), workspace_mb=256)
     assert art.path == tmp_path / "model.plan" and art.path.stat().st_size > 0
     assert art.info["engine_built"] is True and art.info["emulated"] is False
     assert (tmp_path / "timing.cache").is_file() and (tmp_path / "layers.json").is_file()

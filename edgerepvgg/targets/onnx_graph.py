@@ -30,6 +30,7 @@ from edgerepvgg.io import atomic_path
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.emulate import quantize
 from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash, require_spec_for
+from edgerepvgg.targets.base import ArtifactMetadata
 
 log = logging.getLogger(__name__)
 
@@ -189,3 +190,8 @@ def read_metadata(path_or_model) -> dict[str, str]:
 
     model = onnx.load(str(path_or_model), load_external_data=False) if isinstance(path_or_model, (str, Path)) else path_or_model
     return {p.key: p.value for p in model.metadata_props}
+
+
+def artifact_metadata(path: str | Path) -> ArtifactMetadata:
+    """The model hash, QuantSpec sha256 and input spec embedded in the ONNX file at ``path``."""
+    return ArtifactMetadata.from_props(read_metadata(path), path)

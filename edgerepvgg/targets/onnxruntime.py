@@ -10,8 +10,8 @@ import numpy as np
 
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.spec import QuantSpec
-from edgerepvgg.targets.base import Artifact, check_precision
-from edgerepvgg.targets.onnx_graph import INPUT, read_metadata, write_onnx
+from edgerepvgg.targets.base import Artifact, ArtifactMetadata, check_batch, check_precision
+from edgerepvgg.targets.onnx_graph import INPUT, artifact_metadata, read_metadata, write_onnx
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +20,8 @@ class OnnxRuntimeRunner:
     """An InferenceSession behind the runner call. ``optimize=False`` runs the graph node by node
     (Q/DQ nodes as written, float convolutions): slow, but it computes exactly what the graph
     says, e.g. TensorRT's float bias, which ORT's Q/DQ fusion would round to int32."""
+
+    emulated: bool = False
 
     def __init__(self, path: str | Path | bytes, threads: int | None = None, optimize: bool = True):
         import onnxruntime as ort
@@ -42,6 +44,8 @@ class OnnxRuntimeTarget:
     constraint_set = "onnxruntime"
     precisions = ("fp32", "int8")
     description = "ONNX Runtime, CPU execution provider (reference for Q/DQ graphs)"
+    supports_fixed_batch = True
+    compiles_without_runtime = False
 
     def available(self) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
@@ -53,8 +57,12 @@ class OnnxRuntimeTarget:
         """Write ``model.onnx``: the FP32 graph, or the Q/DQ graph under ``spec``; ``batch`` fixes
         the batch dimension (dynamic by default)."""
         check_precision(self, precision, spec)
+        check_batch(self, batch)
         path = write_onnx(plain, Path(out_dir) / "model.onnx", spec if precision == "int8" else None, batch)
         return Artifact(self.name, precision, path, (path,), {"metadata": read_metadata(path)})
 
     def load(self, artifact: Artifact, threads: int | None = None) -> OnnxRuntimeRunner:
         return OnnxRuntimeRunner(artifact.path, threads)
+
+    def metadata(self, artifact: Artifact) -> ArtifactMetadata:
+        return artifact_metadata(artifact.path)

@@ -6,10 +6,11 @@ other conv silently stays in floating point. So ``compile`` does not assume: it 
 for this CPU and reads ``runtimePrecision`` of every executed Convolution / FullyConnected from
 the compiled model's runtime graph (``u8``/``i8`` = INT8), maps each back to our layer names
 (``convs.i``, ``head``) and refuses an INT8 artifact in which a layer the spec quantizes runs in
-float. Measured with OpenVINO 2026.4 on an AVX-512 VNNI CPU: every conv of a Q/DQ RepVGG becomes
-``brgconv_avx512_I8`` with the next layer's input quantizer fused into its output (u8 out), the
-head a u8 FullyConnected; the logits agree with ``IntegerNet`` on 99.99% of the Fashion-MNIST
-test set (the rest are requantization ties: OpenVINO rescales in float32, the referee in float64).
+float. Where every layer does run in INT8, the logits can still differ from ``IntegerNet``'s on
+requantization ties: OpenVINO rescales in float32, the referee in float64.
+
+The IR carries the ONNX graph's ``edgerepvgg.*`` metadata in its ``rt_info`` (OpenVINO's ONNX
+reader drops ONNX metadata), so :meth:`OpenVINOTarget.metadata` reads it from ``model.xml``.
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ from typing import Any
 import numpy as np
 
 from edgerepvgg.errors import UserError
-from edgerepvgg.plain import PlainNet
+from edgerepvgg.io import fsync
 from edgerepvgg.machine import needs_reduced_weight_range
+from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.spec import QuantSpec
-from edgerepvgg.targets.base import Artifact, check_precision
+from edgerepvgg.targets.base import Artifact, ArtifactMetadata, check_batch, check_precision
 from edgerepvgg.targets.onnx_graph import read_metadata, write_onnx
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,7 @@ INT8_PRECISIONS = frozenset({"u8", "i8"})
 _COMPUTE_TYPES = frozenset({"Convolution", "GroupConvolution", "FullyConnected", "MatMul"})
 _HEAD_TYPES = frozenset({"FullyConnected", "MatMul"})
 _LAYER_NAME = re.compile(r"^(convs\.\d+|head)$")
+_RT_INFO = "edgerepvgg"  # rt_info section of the IR holding the ONNX graph's edgerepvgg.* metadata
 
 
 def compile_config(threads: int | None, hint: str) -> dict[str, Any]:
@@ -149,13 +152,10 @@ def check_int8(coverage: Coverage, spec: QuantSpec | Iterable[str], where: str =
                         f"quantizes them: {detail}; each needs FakeQuantize on both its input and its weights{where}")  # fmt: skip
 
 
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
 class OpenVINORunner:
     """A compiled IR behind the runner call; one infer request, reshaped to each batch size."""
+
+    emulated: bool = False
 
     def __init__(self, xml: str | Path, threads: int | None = None, hint: str = "latency"):
         import openvino as ov
@@ -166,9 +166,7 @@ class OpenVINORunner:
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.output(0)
 
-    def __call__(self, batch) -> np.ndarray:
-        if hasattr(batch, "detach"):  # a CPU torch tensor
-            batch = batch.detach().cpu().numpy()
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(batch, np.float32)
         if x.ndim != 4:
             raise UserError(f"the runner takes NCHW batches, got shape {x.shape}")
@@ -180,6 +178,8 @@ class OpenVINOTarget:
     constraint_set = "openvino"
     precisions = ("fp32", "int8")
     description = "OpenVINO IR on the CPU (INT8 through FakeQuantize; per-layer INT8 coverage checked)"
+    supports_fixed_batch = True
+    compiles_without_runtime = False
 
     def available(self) -> str | None:
         try:
@@ -201,6 +201,7 @@ class OpenVINOTarget:
         import openvino as ov
 
         check_precision(self, precision, spec)
+        check_batch(self, batch)
         spec = spec if precision == "int8" else None
         if spec is not None:
             self._warn_constraints(spec)
@@ -211,14 +212,17 @@ class OpenVINOTarget:
         tmp_dir = Path(tempfile.mkdtemp(prefix=".model.ir.", dir=out_dir))
         try:
             tmp_xml = tmp_dir / "model.xml"
-            ov.save_model(ov.convert_model(str(onnx_path)), str(tmp_xml), compress_to_fp16=False)
+            model = ov.convert_model(str(onnx_path))
+            for key, value in read_metadata(onnx_path).items():
+                model.set_rt_info(value, [_RT_INFO, key])
+            ov.save_model(model, str(tmp_xml), compress_to_fp16=False)
             coverage = int8_coverage(tmp_xml)
             if spec is not None:
                 check_int8(coverage, spec, f" (ONNX kept for inspection: {onnx_path})")
             # The xml is the artifact's entry point: it goes away first and comes back last, so a
             # crash at any moment leaves either no model.xml or a complete, matching pair.
             for f in (tmp_xml, tmp_dir / "model.bin"):
-                _fsync(f)
+                fsync(f)
             xml.unlink(missing_ok=True)
             os.replace(tmp_dir / "model.bin", bin_)
             os.replace(tmp_xml, xml)
@@ -234,6 +238,16 @@ class OpenVINOTarget:
         if not Path(artifact.path).is_file():
             raise UserError(f"no OpenVINO IR at {artifact.path}; compile it first")
         return OpenVINORunner(artifact.path, threads, hint)
+
+    def metadata(self, artifact: Artifact) -> ArtifactMetadata:
+        """The ONNX graph's ``edgerepvgg.*`` metadata, read from the IR's ``rt_info``."""
+        import openvino as ov
+
+        model = ov.Core().read_model(str(artifact.path))
+        props = {}
+        if model.has_rt_info(_RT_INFO):
+            props = {key: value.astype(str) for key, value in model.get_rt_info(_RT_INFO).astype(dict).items()}
+        return ArtifactMetadata.from_props(props, artifact.path)
 
     @staticmethod
     def _warn_constraints(spec: QuantSpec) -> None:

@@ -2,10 +2,9 @@
 
 TensorRT's INT8 calibrators are deprecated (10.1); INT8 engines are built from a Q/DQ ONNX graph
 whose scales come from the QuantSpec, in a strongly typed network. What can be checked on any
-machine is that graph: :func:`check_explicit_quantization` holds it against TensorRT's rules
-(symmetric int8, weights per output channel on axis 0, activations per tensor, Q/DQ on conv
-inputs and not on their outputs, bias in float), and its numerics run in ONNX Runtime without
-graph optimizations, which computes exactly what the graph says (float bias included).
+machine is that graph: :mod:`edgerepvgg.targets.qdq_rules` holds it against TensorRT's rules, and
+its numerics run in ONNX Runtime without graph optimizations, which computes exactly what the
+graph says (float bias included).
 
 ``compile`` always writes the ONNX graph and a ready ``build_engine.sh`` (trtexec); where the
 ``tensorrt`` package and a CUDA GPU exist it also builds the engine with the Python API and
@@ -29,236 +28,22 @@ from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.spec import QuantSpec
-from edgerepvgg.targets.base import Artifact, check_precision
-from edgerepvgg.targets.onnx_graph import INPUT, OUTPUT, build_model, read_metadata, save_onnx, write_onnx
+from edgerepvgg.targets.base import Artifact, ArtifactMetadata, check_batch, check_precision
+from edgerepvgg.targets.onnx_graph import INPUT, OUTPUT, artifact_metadata, build_model, read_metadata, save_onnx, simplify
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeRunner
+from edgerepvgg.targets.qdq_rules import (  # noqa: F401 -- re-exported: the rules are TensorRT's
+    RULES,
+    Violation,
+    check_explicit_quantization,
+    quantized_layers,
+    require_explicit_quantization,
+)
 
 log = logging.getLogger(__name__)
 
 NOT_INSTALLED = "TensorRT is not installed (pip install 'edgerepvgg[tensorrt]' on a machine with an NVIDIA GPU)"
 ONNX_FILE, PLAN_FILE, SCRIPT_FILE = "model.onnx", "model.plan", "build_engine.sh"
 CACHE_FILE, LAYERS_FILE = "timing.cache", "layers.json"
-
-# ---------------------------------------------------------------------------------------------
-# TensorRT's explicit-quantization rules, checked on the ONNX graph (runs everywhere)
-
-RULES: dict[str, str] = {
-    "int8": "Q/DQ tensors are int8",
-    "uint8": "uint8 Q/DQ is not supported by TensorRT (activations are symmetric int8)",
-    "symmetric": "zero points are 0 (symmetric quantization)",
-    "weight_per_channel": "a conv/gemm weight is quantized per output channel (one scale per output channel)",
-    "weight_axis": "a conv/gemm weight is quantized along its output-channel axis (axis 0)",
-    "weight_int8_initializer": "a conv/gemm weight DequantizeLinear reads an int8 initializer",
-    "activation_per_tensor": "activations are quantized per tensor (one scalar scale)",
-    "qdq_inputs": "a quantized conv/gemm has Q/DQ on both its data input and its weight",
-    "qdq_pair": "a QuantizeLinear feeds only DequantizeLinear nodes with the same scale and zero point",
-    "qdq_on_output": "no QuantizeLinear directly on a conv/gemm output (before the ReLU): it forces a reformat between the fused conv+ReLU",
-    "float_bias": "the bias stays float (TensorRT's parser rejects an int32 DequantizeLinear on a bias)",
-    "not_quantized": "an INT8 graph quantizes at least one conv/gemm",
-}  # fmt: skip
-
-_MATMULS = ("Conv", "Gemm")
-
-
-@dataclass(frozen=True)
-class Violation:
-    """One broken rule: ``rule`` (a key of ``RULES``), the offending ``node``, and what is wrong."""
-
-    rule: str
-    node: str
-    detail: str
-
-    def __str__(self) -> str:
-        return f"{self.node}: {self.detail} [{self.rule}]"
-
-
-class _Graph:
-    """Producers, consumers and constant values of an ONNX graph."""
-
-    def __init__(self, model) -> None:
-        from onnx import numpy_helper
-
-        graph = model.graph
-        self.nodes = list(graph.node)
-        self.consts: dict[str, np.ndarray] = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-        for n in self.nodes:
-            if n.op_type == "Constant":
-                for a in n.attribute:
-                    if a.name == "value":
-                        self.consts[n.output[0]] = numpy_helper.to_array(a.t)
-        self.producer = {out: n for n in self.nodes for out in n.output}
-        self.consumers: dict[str, list] = {}
-        for n in self.nodes:
-            for i, name in enumerate(n.input):
-                self.consumers.setdefault(name, []).append((n, i))
-
-    @staticmethod
-    def name(node) -> str:
-        return node.name or f"<{node.op_type} -> {node.output[0]}>"
-
-    def input(self, node, i: int) -> str | None:
-        return node.input[i] if len(node.input) > i and node.input[i] else None
-
-    def const(self, name: str | None) -> np.ndarray | None:
-        return None if name is None else self.consts.get(name)
-
-    def made_by(self, name: str | None, op: str):
-        node = None if name is None else self.producer.get(name)
-        return node if node is not None and node.op_type == op else None
-
-
-def _attr(node, name: str, default):
-    from onnx import helper
-
-    for a in node.attribute:
-        if a.name == name:
-            return helper.get_attribute_value(a)
-    return default
-
-
-def _qdq_dtype(g: _Graph, node) -> np.dtype | None:
-    """The integer type a QuantizeLinear writes or a DequantizeLinear reads (None: unknown)."""
-    from onnx import helper
-
-    zp = g.const(g.input(node, 2))
-    if zp is not None:
-        return zp.dtype
-    if node.op_type == "QuantizeLinear":
-        out = _attr(node, "output_dtype", 0)  # opset 21; absent: uint8 by the ONNX spec
-        return np.dtype(helper.tensor_dtype_to_np_dtype(out)) if out else np.dtype(np.uint8)
-    x = g.const(g.input(node, 0))
-    if x is not None:
-        return x.dtype
-    q = g.made_by(g.input(node, 0), "QuantizeLinear")
-    return _qdq_dtype(g, q) if q is not None else None
-
-
-def _check_qdq_node(g: _Graph, node, bias_dqs: set[str]) -> list[Violation]:
-    """The per-node rules: integer type, zero point 0, per-tensor activations, Q->DQ pairing."""
-    name, out = _Graph.name(node), []
-    if node.output[0] in bias_dqs:
-        return out  # reported once, as float_bias
-    dtype = _qdq_dtype(g, node)
-    if dtype == np.uint8:
-        out.append(Violation("uint8", name, f"{node.op_type} uses uint8; TensorRT needs symmetric int8"))
-    elif dtype is not None and dtype != np.int8:
-        out.append(Violation("int8", name, f"{node.op_type} uses {dtype}; TensorRT's explicit quantization needs int8"))
-    zp = g.const(g.input(node, 2))
-    if zp is not None and np.any(zp.astype(np.int64) != 0):
-        out.append(Violation("symmetric", name, f"zero point {zp.ravel()[:4].tolist()} is not 0"))
-    weight = node.op_type == "DequantizeLinear" and g.const(g.input(node, 0)) is not None
-    scale = g.const(g.input(node, 1))
-    if not weight and scale is not None and scale.size != 1:
-        out.append(Violation("activation_per_tensor", name, f"an activation {node.op_type} has {scale.size} scales; TensorRT needs one per tensor"))
-    if node.op_type == "QuantizeLinear":
-        for consumer, _ in g.consumers.get(node.output[0], []):
-            if consumer.op_type != "DequantizeLinear":
-                out.append(Violation("qdq_pair", name, f"feeds {consumer.op_type} {_Graph.name(consumer)!r}, not a DequantizeLinear"))
-                continue
-            same = all(np.array_equal(g.const(g.input(node, i)), g.const(g.input(consumer, i))) for i in (1, 2))
-            if not same:
-                out.append(Violation("qdq_pair", name, f"its DequantizeLinear {_Graph.name(consumer)!r} has another scale or zero point"))
-        producer = g.producer.get(g.input(node, 0) or "")
-        if producer is not None and producer.op_type in _MATMULS:
-            out.append(Violation("qdq_on_output", name, f"quantizes the output of {producer.op_type} {_Graph.name(producer)!r} directly; put Q/DQ on the next layer's input (after the ReLU)"))  # fmt: skip
-    return out
-
-
-def _check_matmul(g: _Graph, node) -> tuple[list[Violation], bool]:
-    """Rules on one Conv/Gemm: both inputs quantized or neither, weight per channel on axis 0,
-    float bias. Returns the violations and whether the layer is quantized."""
-    name, out = _Graph.name(node), []
-    data_dq = g.made_by(g.input(node, 0), "DequantizeLinear")
-    weight_dq = g.made_by(g.input(node, 1), "DequantizeLinear")
-    bias_dq = g.made_by(g.input(node, 2), "DequantizeLinear")
-    if bias_dq is not None:
-        dtype = _qdq_dtype(g, bias_dq)
-        out.append(Violation("float_bias", _Graph.name(bias_dq), f"the bias of {name!r} is dequantized from {dtype or 'integers'}; keep it float (TensorRT's parser rejects it)"))  # fmt: skip
-    if (data_dq is None) != (weight_dq is None):
-        missing = "data input" if data_dq is None else "weight"
-        out.append(Violation("qdq_inputs", name, f"{node.op_type} has Q/DQ on one input but not on its {missing}"))
-    if data_dq is not None and g.made_by(g.input(data_dq, 0), "QuantizeLinear") is None and g.const(g.input(data_dq, 0)) is None:
-        out.append(Violation("qdq_inputs", _Graph.name(data_dq), f"the data DequantizeLinear of {name!r} is not fed by a QuantizeLinear"))
-    if weight_dq is not None:
-        out += _check_weight(g, node, weight_dq)
-    return out, data_dq is not None and weight_dq is not None
-
-
-def _check_weight(g: _Graph, node, dq) -> list[Violation]:
-    name, out = _Graph.name(dq), []
-    w = g.const(g.input(dq, 0))
-    if w is None or w.dtype != np.int8:
-        what = "a computed tensor" if w is None else f"a {w.dtype} initializer"
-        if w is None or w.dtype != np.uint8:  # uint8 is reported by its own rule
-            out.append(Violation("weight_int8_initializer", name, f"the weight of {_Graph.name(node)!r} is {what}, not an int8 initializer"))
-        if w is None:
-            return out
-    # Output channels: Conv weight (O, I, kh, kw); Gemm B is (K, N), or (N, K) with transB=1.
-    axis_expected = 0 if node.op_type == "Conv" or _attr(node, "transB", 0) else 1
-    channels = w.shape[axis_expected] if w.ndim > axis_expected else 1
-    scale = g.const(g.input(dq, 1))
-    n_scales = 1 if scale is None else scale.size
-    if n_scales != channels:
-        out.append(Violation("weight_per_channel", name, f"{n_scales} weight scale(s) for {channels} output channels of {_Graph.name(node)!r}; quantize per output channel"))  # fmt: skip
-    elif n_scales > 1 or (scale is not None and scale.ndim == 1):
-        axis = _attr(dq, "axis", 1)  # DequantizeLinear's default axis is 1
-        if axis < 0:
-            axis += w.ndim
-        if axis != axis_expected:
-            out.append(Violation("weight_axis", name, f"per-channel axis {axis}, the output channels of {_Graph.name(node)!r} are on axis {axis_expected}"))  # fmt: skip
-    return out
-
-
-def check_explicit_quantization(model_or_path) -> list[Violation]:
-    """Every way a Q/DQ ONNX graph (ModelProto or path) breaks TensorRT's explicit-quantization
-    rules (``RULES``); an empty list when TensorRT can build it as written."""
-    import onnx
-
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
-    g = _Graph(model)
-    violations: list[Violation] = []
-    bias_dqs: set[str] = set()
-    quantized = 0
-    for node in g.nodes:
-        if node.op_type in _MATMULS:
-            found, is_quantized = _check_matmul(g, node)
-            violations += found
-            quantized += is_quantized
-            bias = g.made_by(g.input(node, 2), "DequantizeLinear")
-            if bias is not None:
-                bias_dqs.add(bias.output[0])
-    for node in g.nodes:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
-            violations += _check_qdq_node(g, node, bias_dqs)
-    if quantized == 0:
-        violations.append(Violation("not_quantized", model.graph.name or "graph", "no Conv/Gemm has Q/DQ on its inputs; this is not an INT8 graph"))
-    return violations
-
-
-def require_explicit_quantization(model_or_path) -> None:
-    """Raise a one-line UserError naming every node that breaks TensorRT's Q/DQ rules."""
-    violations = check_explicit_quantization(model_or_path)
-    if violations:
-        by_rule: dict[str, list[str]] = {}
-        for v in violations:
-            by_rule.setdefault(v.rule, []).append(v.node)
-        parts = [f"{rule} ({RULES[rule]}): {', '.join(_first(nodes, 5))}" for rule, nodes in by_rule.items()]
-        raise UserError(f"the Q/DQ graph breaks TensorRT's explicit-quantization rules: {'; '.join(parts)}; "
-                        "calibrate for the 'tensorrt' constraint set")  # fmt: skip
-
-
-def _first(names: list[str], n: int) -> list[str]:
-    return names if len(names) <= n else [*names[:n], f"and {len(names) - n} more"]
-
-
-def quantized_layers(model_or_path) -> list[str]:
-    """Names of the Conv/Gemm nodes of a graph with Q/DQ on both data input and weight."""
-    import onnx
-
-    model = onnx.load(str(model_or_path)) if isinstance(model_or_path, (str, Path)) else model_or_path
-    g = _Graph(model)
-    return [_Graph.name(n) for n in g.nodes if n.op_type in _MATMULS and _check_matmul(g, n)[1]]
-
 
 # ---------------------------------------------------------------------------------------------
 # The engine inspector's layer report
@@ -339,8 +124,8 @@ def _script(cmd: list[str], precision: str) -> str:
 
 
 def build_engine(onnx_path: Path, out_dir: Path, precision: str, shapes: tuple[tuple[int, ...], ...], workspace_mb: int) -> dict:
-    """Build and serialize the engine with TensorRT's Python API; write the plan, the timing cache
-    and the inspector's layer report into ``out_dir``; return facts for the artifact's info."""
+    """Build and serialize the engine with TensorRT's Python API; write the timing cache, the
+    inspector's layer report and, last, the plan into ``out_dir``; return facts for the info."""
     import tensorrt as trt
     import torch
 
@@ -370,8 +155,6 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, shapes: tuple[t
     if plan is None:
         raise RuntimeError("TensorRT could not build the engine (its log above says why)")
     plan_path = out_dir / PLAN_FILE
-    with atomic_path(plan_path) as tmp:
-        tmp.write_bytes(plan)
     with atomic_path(cache_path) as tmp:
         tmp.write_bytes(config.get_timing_cache().serialize())
 
@@ -383,6 +166,8 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, shapes: tuple[t
     inspector.execution_context = context
     report = json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON))
     write_text_atomic(out_dir / LAYERS_FILE, json.dumps(report, indent=1))
+    with atomic_path(plan_path) as tmp:  # the artifact's entry point: written last
+        tmp.write_bytes(plan)
     summary = summarize_layers(report)
     log.info("built %s: %s of %s convolutions in INT8", plan_path, summary["int8_convolutions"], summary["convolutions"])
     return {"tensorrt_version": trt.__version__, "device": torch.cuda.get_device_name(), **summary}
@@ -396,7 +181,7 @@ class EmulatedTensorRTRunner(OnnxRuntimeRunner):
     """The Q/DQ graph in ONNX Runtime with graph optimizations off: the integer function TensorRT
     is asked to compute (float bias included), not a TensorRT measurement (``emulated = True``)."""
 
-    emulated = True
+    emulated: bool = True
 
     def __init__(self, path: str | Path, threads: int | None = None, optimize: bool = False):
         super().__init__(path, threads, optimize=optimize)
@@ -405,7 +190,7 @@ class EmulatedTensorRTRunner(OnnxRuntimeRunner):
 class TensorRTRunner:
     """A serialized engine on a CUDA device; batches above the profile's maximum run in chunks."""
 
-    emulated = False
+    emulated: bool = False
 
     def __init__(self, plan_path: str | Path, device: int = 0):
         import tensorrt as trt
@@ -475,12 +260,8 @@ class TensorRTTarget:
     constraint_set = "tensorrt"
     precisions = ("fp32", "fp16", "int8")
     description = "TensorRT on an NVIDIA GPU: explicit quantization from Q/DQ ONNX (emulated in ONNX Runtime where TensorRT is absent)"
+    supports_fixed_batch = True  # a (b, b, b) optimization profile
     compiles_without_runtime = True  # the Q/DQ ONNX, its rule check and build_engine.sh need no GPU
-
-    @property
-    def runs_here(self) -> bool:
-        """False where only the emulation runs here (no TensorRT or no CUDA device)."""
-        return self.available() is None
 
     def available(self) -> str | None:
         """None where the tensorrt package imports and a CUDA device is visible, else why not."""
@@ -498,30 +279,32 @@ class TensorRTTarget:
         return None
 
     def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
-                batch: tuple[int, int, int] = (1, 8, 32), workspace_mb: int = 1024) -> Artifact:  # fmt: skip
-        """Write the ONNX graph (Q/DQ for int8, checked against TensorRT's rules) and
-        ``build_engine.sh``; build the engine too where TensorRT and a GPU are present."""
+                batch: int | None = None, profile: tuple[int, int, int] = (1, 8, 32),
+                workspace_mb: int = 1024) -> Artifact:  # fmt: skip
+        """Write ``build_engine.sh`` and then the ONNX graph (Q/DQ for int8, checked against
+        TensorRT's rules before anything is written); build the engine too where TensorRT and a
+        GPU are present. ``batch`` fixes the batch dimension (the profile becomes ``(b, b, b)``);
+        else ``profile`` is the (min, opt, max) batch range."""
         check_precision(self, precision, spec)
-        options = BuildOptions(tuple(batch), workspace_mb)
+        check_batch(self, batch)
+        options = BuildOptions((batch,) * 3 if batch is not None else tuple(profile), workspace_mb)
         out_dir = Path(out_dir)
-        qspec = spec if precision == "int8" else None
         info: dict = {"batch": dict(zip(("min", "opt", "max"), options.batch)), "workspace_mb": workspace_mb,
                       "strongly_typed": strongly_typed(precision)}  # fmt: skip
-        if qspec is not None:  # checked before anything is written
-            model = build_model(plain, qspec)
+        if precision == "int8":
+            model = build_model(plain, spec)
             require_explicit_quantization(model)
-            onnx_path = save_onnx(model, out_dir / ONNX_FILE)
-        else:
-            onnx_path = write_onnx(plain, out_dir / ONNX_FILE)
-        if qspec is not None:
             info["qdq_check"] = "passed"
-            info["graph_quantized_layers"] = len(quantized_layers(onnx_path))
+            info["graph_quantized_layers"] = len(quantized_layers(model))
+        else:
+            model = simplify(build_model(plain))
         if precision == "fp16":
             info["note"] = "fp16: FP32 graph built weakly typed with the FP16 builder flag (TensorRT 10.x)"
         cmd = trtexec_command(precision, options.shapes(plain), workspace_mb)
         script = out_dir / SCRIPT_FILE
         write_text_atomic(script, _script(cmd, precision))
         script.chmod(0o755)
+        onnx_path = save_onnx(model, out_dir / ONNX_FILE)  # without an engine, the entry point: written last
         info["trtexec"] = " ".join(shlex.quote(c) for c in cmd)
         info["metadata"] = read_metadata(onnx_path)
         files = [onnx_path, script]
@@ -546,3 +329,7 @@ class TensorRTTarget:
                 raise UserError(f"{path} is a TensorRT engine and cannot run here ({why}); load the ONNX artifact for the emulation")
             return TensorRTRunner(path)
         return EmulatedTensorRTRunner(path, threads, optimize=artifact.precision != "int8")
+
+    def metadata(self, artifact: Artifact) -> ArtifactMetadata:
+        """Read from the ONNX graph the engine is built from (``model.onnx`` beside the plan)."""
+        return artifact_metadata(Path(artifact.path).with_name(ONNX_FILE))

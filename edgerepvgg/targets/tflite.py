@@ -36,7 +36,8 @@ from edgerepvgg.io import atomic_path
 from edgerepvgg.plain import PlainNet, conv_output_size
 from edgerepvgg.quant.emulate import quantize, round_mode
 from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash, require_spec_for
-from edgerepvgg.targets.base import Artifact, check_precision
+from edgerepvgg.inputs import InputSpec
+from edgerepvgg.targets.base import Artifact, ArtifactMetadata, check_batch, check_precision
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class _Op:
 
 
 @dataclass
-class _Graph:
+class _TFLiteGraph:
     tensors: list[_Tensor] = field(default_factory=list)
     buffers: list[bytes] = field(default_factory=lambda: [b""])  # buffer 0 is empty by convention
     ops: list[_Op] = field(default_factory=list)
@@ -138,9 +139,9 @@ def _int_weights(module: torch.nn.Module, layer) -> tuple[np.ndarray, np.ndarray
     return w.numpy().astype(np.int8), b.numpy().astype(np.int32), tuple(float(v) for v in s)
 
 
-def _build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: bool = False) -> _Graph:
+def _build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: bool = False) -> _TFLiteGraph:
     """The TFLite graph of ``plain``: float32 throughout, or int8 under ``spec`` (float or int8 I/O)."""
-    g = _Graph()
+    g = _TFLiteGraph()
     s = plain.input_spec
     side, ch = s.size, s.channels
     dt = _INT8 if int8 else _FLOAT32
@@ -231,7 +232,7 @@ def _offsets(builder, start: Callable[[Any, int], None], items: list[int]) -> in
     return builder.EndVector()
 
 
-def _serialize(graph: _Graph, metadata: dict[str, bytes], description: str = "edgerepvgg") -> bytes:
+def _serialize(graph: _TFLiteGraph, metadata: dict[str, bytes], description: str = "edgerepvgg") -> bytes:
     """The graph as .tflite flatbuffer bytes, with ``metadata`` entries in Buffer-backed Metadata."""
     import flatbuffers
     import tflite
@@ -378,6 +379,8 @@ def _missing(modules: tuple[str, ...]) -> str | None:
 class TFLiteRunner:
     """A LiteRT interpreter behind the runner protocol: NCHW float32 in, float32 logits out."""
 
+    emulated: bool = False
+
     def __init__(self, path: Path, threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
@@ -424,15 +427,19 @@ class TFLiteTarget:
     constraint_set = "tflite"
     precisions = ("fp32", "int8")
     description = "TFLite flatbuffer (full-integer INT8 or FP32) written directly, run by LiteRT/XNNPACK on CPU"
+    supports_fixed_batch = False  # the runner resizes the input to each batch
+    compiles_without_runtime = False
 
     def available(self) -> str | None:
         """``None`` when LiteRT, the tflite schema bindings and flatbuffers import, else why not."""
         return _missing(("ai_edge_litert.interpreter", "tflite", "flatbuffers"))
 
     def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
-                int8_io: bool = False) -> Artifact:  # fmt: skip
-        """Write ``out_dir/model.tflite``; INT8 needs a spec calibrated for the 'tflite' constraint set."""
+                batch: int | None = None, int8_io: bool = False) -> Artifact:  # fmt: skip
+        """Write ``out_dir/model.tflite``; INT8 needs a spec calibrated for the 'tflite' constraint
+        set. ``batch`` is refused: the runner resizes the input to each batch."""
         check_precision(self, precision, spec)
+        check_batch(self, batch)
         int8 = precision == "int8"
         if int8_io and not int8:
             raise UserError("int8 input/output needs an INT8 build (--precision int8)")
@@ -472,3 +479,8 @@ class TFLiteTarget:
         if not Path(artifact.path).is_file():
             raise UserError(f"{artifact.path} does not exist; compile it first")
         return TFLiteRunner(Path(artifact.path), threads)
+
+    def metadata(self, artifact: Artifact) -> ArtifactMetadata:
+        """Read from the flatbuffer's ``edgerepvgg`` Metadata entry."""
+        meta = read_metadata(artifact.path)
+        return ArtifactMetadata(meta["model_hash"], meta["spec_sha256"], meta["constraints"], InputSpec.from_dict(meta["input_spec"]))
