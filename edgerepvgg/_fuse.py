@@ -12,14 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
+from edgerepvgg.errors import UserError
 from edgerepvgg.inputs import InputSpec, default_spec
 from edgerepvgg.models import RepVGG
 from edgerepvgg.plain import PlainNet
 
 log = logging.getLogger(__name__)
 
-# Max error relative to the largest output magnitude. float64 is the issue's bound; float32 is what
-# we hold on every variant with randomized BN statistics (measured ~5e-7 on A0 and B1g4 at 64x64).
+# Max error relative to the largest output magnitude. float64: 1e-9, the fusion math alone (float64
+# end to end, so anything above it is a wrong formula, not rounding); float32: what we hold on every
+# variant with randomized BN statistics (measured ~5e-7 on A0 and B1g4 at 64x64).
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-5}
 
 
@@ -55,8 +57,23 @@ def to_plain(model: RepVGG, input_spec: InputSpec | None = None) -> PlainNet:
     """Build the PlainNet of ``model`` (fusing a copy; the input model is not changed)."""
     fused = model if all(b.is_fused for b in model.blocks()) else reparameterize(model)
     convs = [copy.deepcopy(b.rbr_reparam) for b in fused.blocks()]
-    name = f"{'qa' if model.block_type == 'qarepvgg' else ''}repvgg_{model.config.name.lower()}"
-    return PlainNet(convs, copy.deepcopy(fused.linear), input_spec or default_spec(model.in_chans), name).eval()
+    return PlainNet(convs, copy.deepcopy(fused.linear), input_spec or default_spec(model.in_chans),
+                    variant=model.config.name, block=model.block_type).eval()  # fmt: skip
+
+
+def require_finite(model: torch.nn.Module) -> None:
+    """Refuse a model whose parameters or buffers hold NaN or infinite values: fusing it would
+    only fail later, in the equivalence check, without saying which tensor is broken."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if not tensor.is_floating_point():
+            continue
+        bad = ~torch.isfinite(tensor.detach())
+        if bool(bad.any()):
+            nans = int(torch.isnan(tensor.detach()).sum())
+            what = f"{nans} NaN value(s)" if nans else f"{int(bad.sum())} infinite value(s)"
+            if nans and int(bad.sum()) > nans:
+                what += f" and {int(bad.sum()) - nans} infinite value(s)"
+            raise UserError(f"{name} holds {what}; the checkpoint is corrupt")
 
 
 @torch.no_grad()
@@ -85,8 +102,10 @@ def check_equivalence(model: RepVGG, plain: PlainNet, batch: int = 2, seed: int 
 def fuse(model: RepVGG, input_spec: InputSpec | None = None, check: bool = True) -> tuple[PlainNet, list[Equivalence]]:
     """Fuse ``model`` into a PlainNet and check it computes the same function.
 
-    Raises ``AssertionError`` if the fused network disagrees beyond tolerance: a fusion bug must
-    never produce an artifact."""
+    A model holding NaN or infinite weights or BatchNorm statistics is a ``UserError`` naming the
+    tensor (a corrupt checkpoint). Raises ``AssertionError`` if the fused network disagrees
+    beyond tolerance: that is a fusion bug, and it must never produce an artifact."""
+    require_finite(model)
     plain = to_plain(model, input_spec)
     results = check_equivalence(model, plain) if check else []
     for r in results:

@@ -32,7 +32,11 @@ class ConvInfo:
 class PlainNet(nn.Module):
     """``ReLU(conv_i(x))`` for every 3x3 conv, global average pool, ``head``."""
 
-    def __init__(self, convs: list[nn.Conv2d], head: nn.Linear, input_spec: InputSpec, name: str = "plain"):
+    def __init__(self, convs: list[nn.Conv2d], head: nn.Linear, input_spec: InputSpec, name: str | None = None, *,
+                 variant: str | None = None, block: str | None = None):  # fmt: skip
+        """``variant`` (e.g. ``"A0"``) and ``block`` (``"repvgg"`` or ``"qarepvgg"``) say which RepVGG
+        this net was fused from (``None`` for a hand-built net); ``name`` defaults to the one they
+        imply (``repvgg_a0``, ``qarepvgg_b1g4``), else ``"plain"``."""
         super().__init__()
         for conv in convs:
             if conv.kernel_size != (3, 3) or conv.padding != (1, 1) or conv.bias is None or conv.dilation != (1, 1):
@@ -40,11 +44,22 @@ class PlainNet(nn.Module):
         self.convs = nn.ModuleList(convs)
         self.head = head
         self.input_spec = input_spec
-        self.name = name
+        self.variant, self.block = variant, block
+        self.name = name if name is not None else plain_name(variant, block)
 
     @property
     def num_classes(self) -> int:
         return self.head.out_features
+
+    def identity(self) -> dict:
+        """The keyword arguments that carry this net's identity to a copy: ``PlainNet(convs, head,
+        input_spec, **plain.identity())``."""
+        return {"name": self.name, "variant": self.variant, "block": self.block}
+
+    def layer_names(self) -> list[str]:
+        """The quantized layers, in network order: ``["convs.0", ..., "convs.{n-1}", "head"]``
+        (the names a QuantSpec's layers carry)."""
+        return [f"convs.{i}" for i in range(len(self.convs))] + ["head"]
 
     def layers(self) -> list[ConvInfo]:
         return [ConvInfo(f"convs.{i}", c.in_channels, c.out_channels, c.stride[0], c.groups) for i, c in enumerate(self.convs)]
@@ -74,6 +89,13 @@ class PlainNet(nn.Module):
         s = self.input_spec
         w = self.head.weight
         return torch.randn(batch, s.channels, s.size, s.size, dtype=w.dtype, device=w.device)
+
+
+def plain_name(variant: str | None, block: str | None) -> str:
+    """``repvgg_a0`` / ``qarepvgg_b1g4`` for a net fused from a known variant, else ``plain``."""
+    if variant is None:
+        return "plain"
+    return f"{'qa' if block == 'qarepvgg' else ''}repvgg_{variant.lower()}"
 
 
 def conv_output_size(size: int, stride: int) -> int:

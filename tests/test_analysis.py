@@ -249,21 +249,26 @@ def test_analyze_command_writes_json_and_png(cli, fmnist_ckpt, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "argv,message",
+    "argv,words",
     [
-        (["analyze", "{ckpt}", "--eval-limit", "0"], "--eval-limit must be at least 1"),
-        (["analyze", "{ckpt}", "-o", "{file}"], "is not a folder"),
-        (["analyze", "{ckpt}", "--eval-images", "{missing}"], "{missing}"),
-        (["calibrate", "{ckpt}", "--max-drop", "-1"], "--max-drop must be a non-negative"),
+        (["analyze", "{ckpt}", "--eval-limit", "0"], ["--eval-limit", "at least 1", "0"]),
+        (["analyze", "{ckpt}", "-o", "{file}"], ["is not a folder"]),
+        (["analyze", "{ckpt}", "--eval-images", "{missing}"], ["{missing}"]),
+        (["calibrate", "{ckpt}", "--max-drop", "-1"], ["--max-drop", "-1"]),
     ],
 )
-def test_analyze_mistakes_are_one_line(cli, tmp_path, fmnist_ckpt, argv, message):
+def test_analyze_mistakes_are_one_line(cli, capsys, tmp_path, fmnist_ckpt, argv, words):
+    """Exit code 2 and one error line naming the problem, whether argparse or the library catches it."""
     (tmp_path / "file.txt").write_text("x")
     subs = {"ckpt": str(fmnist_ckpt), "file": str(tmp_path / "file.txt"), "missing": str(tmp_path / "nope")}
-    code, _, err = cli("-q", *[a.format(**subs) for a in argv])
+    try:
+        code, _, err = cli("-q", *[a.format(**subs) for a in argv])
+    except SystemExit as exit_:  # argparse's own refusal
+        code, err = exit_.code, capsys.readouterr().err
     assert code == 2
     lines = [ln for ln in err.splitlines() if "error:" in ln]
-    assert len(lines) == 1 and message.format(**subs).lower() in lines[0].lower() and "Traceback" not in err
+    assert len(lines) == 1 and "Traceback" not in err
+    assert all(w.format(**subs).lower() in lines[0].lower() for w in words), lines[0]
 
 
 def test_calibrate_with_a_gate_records_mixed_precision(cli, fmnist_ckpt, tmp_path, monkeypatch):
@@ -286,3 +291,88 @@ def test_calibrate_with_a_gate_records_mixed_precision(cli, fmnist_ckpt, tmp_pat
     code, _, err = cli("-q", "calibrate", str(fmnist_ckpt), "--method", "minmax", "--max-drop", "0",
                        "--eval-limit", "20", "-o", str(out2))  # fmt: skip
     assert code == 1 and "accuracy gate not met" in err and not out2.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sensitivity is measured on the integer emulation
+
+
+def test_sensitivity_with_every_quantizer_on_is_the_integer_net():
+    """One quantized forward pass: the sensitivity path is IntegerNet, int32 bias rounding included."""
+    from edgerepvgg.quant.analysis import quantized_only, quantizers
+    from edgerepvgg.quant.emulate import IntegerNet
+
+    from quant_helpers import minmax_spec, tiny_plain
+
+    plain = tiny_plain()
+    x = plain.example_input(6)
+    for name in ("openvino", "tflite", "tensorrt"):  # int32 bias, int32 bias + int output, float bias
+        spec = minmax_spec(plain, constraints_for(name, weight_bits=8))
+        assert torch.equal(quantized_only(plain, spec, quantizers(spec))(x), IntegerNet(plain, spec)(x)), name
+
+
+def test_sensitivity_of_one_layer_quantizes_that_layer_alone():
+    from edgerepvgg.quant.analysis import layer_sensitivity, quantized_only
+    from edgerepvgg.quant.emulate import IntegerNet
+    from edgerepvgg.quant.mixed import with_float_layers
+
+    from quant_helpers import minmax_spec, self_labelled, tiny_plain
+
+    plain = tiny_plain()
+    spec = minmax_spec(plain, constraints_for("tflite"))
+    x = plain.example_input(4)
+    seen: dict[str, torch.Tensor] = {}
+    quantized_only(plain, spec, {"convs.3"})(x, observe=seen.__setitem__)
+    assert set(seen) == {"convs.3"}
+    seen.clear()
+    quantized_only(plain, spec, {"head"})(x, observe=seen.__setitem__)
+    assert set(seen) == {"head", "output"}  # the output quantizer goes with the head
+    others = [layer.name for layer in spec.layers if layer.name != "convs.3"]
+    expected = IntegerNet(plain, with_float_layers(spec, others), keep_float=("pool", "output"))(x)
+    assert torch.equal(quantized_only(plain, spec, {"convs.3"})(x), expected)
+    with pytest.raises(UserError, match="no quantizer 'convs.99'"):
+        quantized_only(plain, spec, {"convs.99"})
+    ev = self_labelled(plain, n=16)
+    (s,) = layer_sensitivity(plain, spec, ev, ["convs.3"])
+    logits = IntegerNet(plain, with_float_layers(spec, others), keep_float=("pool", "output"))(
+        torch.cat([b for b, _ in ev.batches(256)]))
+    assert s.top1 == pytest.approx(float((logits.argmax(1) == ev.labels).float().mean()))
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan"), float("inf")])
+def test_the_accuracy_gate_is_validated_in_mixed_precision(bad):
+    from quant_helpers import minmax_spec, self_labelled, tiny_plain
+
+    plain = tiny_plain()
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    with pytest.raises(UserError, match="--max-drop must be a non-negative") as err:
+        keep_sensitive_layers(plain, spec, self_labelled(plain, n=4), max_drop=bad)
+    assert "\n" not in str(err.value)
+
+
+def test_an_unlabelled_or_empty_eval_set_is_refused_by_analysis_and_mixed_alike():
+    from edgerepvgg.quant.analysis import layer_sensitivity, require_eval_set
+
+    from quant_helpers import minmax_spec, self_labelled, tiny_plain
+
+    plain = tiny_plain()
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    ev = self_labelled(plain, n=4)
+    unlabelled = replace(ev, labels=torch.full((4,), -1))
+    empty = replace(ev, images=ev.images[:0], labels=ev.labels[:0])
+    for bad in (unlabelled, empty):
+        for call in (lambda: require_eval_set(bad), lambda: layer_sensitivity(plain, spec, bad),
+                     lambda: keep_sensitive_layers(plain, spec, bad, max_drop=1.0)):  # fmt: skip
+            with pytest.raises(UserError, match="must be labelled"):
+                call()
+
+
+def test_write_creates_the_folder_and_refuses_a_file(bad_analysis, tmp_path):
+    from edgerepvgg.quant.analysis_report import write
+
+    *_, a = bad_analysis
+    json_path, png_path = write(a, tmp_path / "new" / "folder")
+    assert json_path.is_file() and png_path.is_file()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="is not a folder; pass -o a folder for analysis.json and analysis.png"):
+        write(a, tmp_path / "file")

@@ -8,7 +8,7 @@ import torch
 import edgerepvgg.quant.calibrate as cal
 from edgerepvgg import UserError
 from edgerepvgg.data import TensorDataset
-from edgerepvgg.quant import CONSTRAINT_SETS
+from edgerepvgg.quant import CONSTRAINT_SETS, constraints_for
 from edgerepvgg.quant.calibrate import cached_stats, calibrate, input_range, make_spec
 
 from quant_helpers import tiny_plain
@@ -101,3 +101,42 @@ def test_calibration_config_is_validated_and_recorded_in_the_spec():
     stats = cal.collect_stats(plain, images(plain), progress=False)
     spec = make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], config)
     assert {k: spec.calibration[k] for k in ("method", "weight_method", "percentile")} == config.record()
+
+
+@pytest.mark.parametrize("percentile", [40.0, 50.0, 100.5, float("nan")])
+def test_percentile_outside_what_the_observer_computes_is_refused_by_the_config(percentile):
+    """The observer needs (50, 100]; the config enforces exactly that, naming value and range."""
+    with pytest.raises(UserError, match=r"--percentile must be in \(50, 100\], got") as err:
+        cal.CalibrationConfig(method="percentile", percentile=percentile)
+    assert "\n" not in str(err.value)
+
+
+def test_percentile_at_the_bounds_calibrates():
+    plain = tiny_plain()
+    stats = cal.collect_stats(plain, images(plain, n=2), progress=False)
+    for p in (50.001, 100):
+        spec = make_spec(plain, stats, CONSTRAINT_SETS["tensorrt"], cal.CalibrationConfig("percentile", percentile=p))
+        assert spec.calibration["percentile"] == p
+
+
+def test_calibrate_takes_a_constraint_set_name(tmp_path):
+    plain = tiny_plain()
+    data = images(plain, n=2)
+    by_name = calibrate(plain, data, "openvino", "minmax", progress=False, cache=tmp_path)
+    by_value = calibrate(plain, data, constraints_for("openvino"), "minmax", progress=False, cache=tmp_path)
+    assert by_name == by_value
+    with pytest.raises(UserError, match="unknown constraint set 'tpu'"):
+        calibrate(plain, data, "tpu", progress=False, cache=tmp_path)
+
+
+def test_stats_for_is_the_one_cache_decision(tmp_path, monkeypatch):
+    plain = tiny_plain()
+    data = images(plain, n=2)
+    cached = cal.stats_for(plain, data, progress=False, cache=tmp_path)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+    monkeypatch.setattr(cal, "collect_stats", lambda *a, **k: pytest.fail("the cache was not used"))
+    assert cal.stats_for(plain, data, progress=False, cache=tmp_path).to_json() == cached.to_json()
+    calls = []
+    monkeypatch.setattr(cal, "collect_stats", lambda *a, **k: calls.append(a) or cached)
+    cal.stats_for(plain, data, progress=False, cache=False)
+    assert len(calls) == 1  # cache=False: collected afresh, nothing read

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from edgerepvgg.quant import CONSTRAINT_SETS, Scheme, TensorQuant, constraints_for
-from edgerepvgg.quant.emulate import FakeQuantNet, IntegerNet, dequantize, fake_quant, quantize, round_mode
+from edgerepvgg import UserError
+from edgerepvgg.quant.emulate import IntegerNet, dequantize, fake_quant, quantize, round_mode
 
 from quant_helpers import minmax_spec, tiny_plain
 
@@ -87,13 +88,32 @@ def test_integer_activations_are_integers_on_the_grid():
         assert t.min() >= grid.scheme.qmin and t.max() <= grid.scheme.qmax
 
 
-def test_fake_quant_net_computes_the_same_function():
+def test_integer_net_refuses_a_spec_made_for_another_model():
+    from dataclasses import replace
+
+    plain, other = tiny_plain(0), tiny_plain(1)
+    spec = minmax_spec(plain, CONSTRAINT_SETS["tensorrt"])
+    with pytest.raises(UserError, match="made for another model"):
+        IntegerNet(other, spec)
+    with pytest.raises(UserError, match="layers do not match"):
+        IntegerNet(plain, replace(spec, layers=spec.layers[1:]))
+
+
+def test_keep_float_leaves_out_exactly_the_pool_and_output_quantizers():
+    from dataclasses import replace
+
     plain = tiny_plain()
-    spec = minmax_spec(plain, CONSTRAINT_SETS["tensorrt"])  # float bias: fake-quant is the same math
-    x = plain.example_input(4)
-    fake = FakeQuantNet(plain.double(), spec)(x.double())
-    exact = IntegerNet(plain, spec)(x).double()
-    torch.testing.assert_close(fake, exact, rtol=1e-5, atol=1e-5)
+    spec = minmax_spec(plain, CONSTRAINT_SETS["tflite"])  # has an output quantizer
+    floats = replace(spec, layers=tuple(replace(ly, precision="float") for ly in spec.layers))
+    x = plain.example_input(3)
+    seen: dict[str, torch.Tensor] = {}
+    got = IntegerNet(plain, floats, keep_float=("pool", "output"))(x, observe=seen.__setitem__)
+    assert not seen  # nothing was quantized ...
+    torch.testing.assert_close(got, plain(x).detach(), rtol=1e-5, atol=1e-5)  # ... so it is the FP32 net
+    IntegerNet(plain, floats, keep_float=("output",))(x, observe=seen.__setitem__)
+    assert set(seen) == {"pool"}
+    with pytest.raises(ValueError, match="keep_float"):
+        IntegerNet(plain, spec, keep_float=("convs.0",))
 
 
 def test_float_precision_layer_is_left_unquantized():

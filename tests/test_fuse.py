@@ -125,3 +125,33 @@ def test_fuse_refuses_a_wrong_fusion(monkeypatch):
 def test_plain_net_rejects_non_3x3_layers():
     with pytest.raises(ValueError, match="3x3"):
         PlainNet([torch.nn.Conv2d(3, 8, 1)], torch.nn.Linear(8, 2), InputSpec())
+
+
+@pytest.mark.parametrize("where, value, message", [
+    ("stage1.0.rbr_dense.bn.running_var", float("nan"), "stage1.0.rbr_dense.bn.running_var holds 1 NaN value(s)"),
+    ("stage2.1.rbr_1x1.conv.weight", float("inf"), "stage2.1.rbr_1x1.conv.weight holds 1 infinite value(s)"),
+    ("linear.bias", float("-inf"), "linear.bias holds 1 infinite value(s)"),
+])  # fmt: skip
+def test_a_model_holding_nan_or_inf_is_a_user_error_naming_the_tensor(where, value, message):
+    from edgerepvgg import UserError
+
+    model = randomize_bn(create_model("A0", num_classes=10)).eval()
+    tensor = model.get_buffer(where) if "running" in where else model.get_parameter(where)
+    with torch.no_grad():
+        tensor.view(-1)[0] = value
+    with pytest.raises(UserError) as err:
+        fuse(model, InputSpec(size=32, resize=32))
+    assert str(err.value) == f"{message}; the checkpoint is corrupt"
+
+
+def test_a_plain_net_knows_its_variant_block_and_layer_names():
+    model = randomize_bn(create_model("B1g4", num_classes=10, block="qarepvgg")).eval()
+    plain = to_plain(model, InputSpec(size=32, resize=32))
+    assert (plain.variant, plain.block, plain.name) == ("B1g4", "qarepvgg", "qarepvgg_b1g4")
+    assert plain.layer_names() == [f"convs.{i}" for i in range(len(plain.convs))] + ["head"]
+    assert len(plain.layer_names()) == len(model.blocks()) + 1
+    copied = copy.deepcopy(plain).double()
+    assert (copied.variant, copied.block, copied.name) == ("B1g4", "qarepvgg", "qarepvgg_b1g4")
+    hand_made = PlainNet([torch.nn.Conv2d(3, 8, 3, 1, 1)], torch.nn.Linear(8, 2), InputSpec())
+    assert (hand_made.variant, hand_made.block, hand_made.name) == (None, None, "plain")
+    assert hand_made.layer_names() == ["convs.0", "head"]

@@ -120,3 +120,41 @@ def test_model_hash_changes_with_weights():
     with torch.no_grad():
         plain.convs[0].weight[0, 0, 0, 0] += 1e-3
     assert model_hash(plain) != h
+
+
+@pytest.mark.parametrize("bits", [1, 9, 20, 0, -3])
+def test_weight_bits_outside_2_to_8_are_a_user_error(bits):
+    with pytest.raises(UserError) as err:
+        constraints_for("tensorrt", weight_bits=bits)
+    assert str(err.value) == f"--weight-bits must be between 2 and 8, got {bits}"
+
+
+@pytest.mark.parametrize("bits", [2, 4, 7, 8])
+def test_weight_bits_2_to_8_are_accepted(bits):
+    assert constraints_for("openvino", weight_bits=bits).weight.bits == bits
+
+
+def test_resolve_constraints_takes_a_name_or_a_value_and_checks_bits_the_same_way():
+    from edgerepvgg.quant.spec import resolve_constraints
+
+    c = CONSTRAINT_SETS["tflite"]
+    assert resolve_constraints(c) is c
+    assert resolve_constraints("tflite", weight_bits=8) == c
+    assert resolve_constraints(c, weight_bits=6).weight.bits == 6
+    with pytest.raises(UserError, match="between 2 and 8, got 20"):
+        resolve_constraints(c, weight_bits=20)
+
+
+def test_require_spec_for_is_the_one_check_and_uses_the_model_layer_names():
+    from dataclasses import replace
+
+    from edgerepvgg.quant.spec import require_spec_for
+
+    plain = tiny_plain()
+    spec = minmax_spec(plain, CONSTRAINT_SETS["tensorrt"])
+    require_spec_for(plain, spec)  # its own spec passes
+    renamed = replace(spec, layers=tuple(replace(ly, name=f"x{ly.name}") for ly in spec.layers))
+    with pytest.raises(UserError, match="do not match"):
+        require_spec_for(plain, renamed)
+    with pytest.raises(UserError, match="made for another model"):
+        require_spec_for(tiny_plain(seed=1), spec)

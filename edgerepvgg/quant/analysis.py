@@ -12,11 +12,14 @@
   (read off the cached calibration histograms), ``max|x| / p99.99`` and the clip range the chosen
   method picks;
 - **sensitivity**: the top-1 drop against FP32 and the logit SQNR when *only* that quantizer is
-  quantized (fake-quant, every other layer FP32), once with naive PTQ (per-tensor min/max weights,
+  quantized (the integer emulation, every other layer FP32: :func:`quantized_only`), once with naive PTQ (per-tensor min/max weights,
   min/max activations) and once with the chosen method (per-channel weights), so the table shows
   which layers carry the naive loss and what is left of it;
 - **summary**: FP32, naive INT8 and chosen-method INT8 top-1 of the whole network (the integer
   emulation), the most sensitive layers, and a few plain-words findings.
+
+Rendering (the table, the summary text, the plot, the files) is in
+:mod:`edgerepvgg.quant.analysis_report`.
 
 Definitions, used everywhere in the project's reports:
 
@@ -39,22 +42,21 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from edgerepvgg.data import TensorDataset
-from edgerepvgg.evaluate import sqnr_db  # noqa: F401  (part of this module's statistics)
 from edgerepvgg.errors import UserError
-from edgerepvgg.evaluate import predict, topk_accuracy
-from edgerepvgg.io import atomic_path, write_text_atomic
+from edgerepvgg.evaluate import predict, sqnr_db, topk_accuracy
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.calibrate import NAIVE, CalibrationConfig, CalibrationStats, cached_stats, collect_stats, make_spec
-from edgerepvgg.quant.emulate import FakeQuantNet, IntegerNet
-from edgerepvgg.quant.observers import _quantile, weight_scales
-from edgerepvgg.quant.spec import Constraints, QuantSpec, Scheme, TensorQuant
+from edgerepvgg.quant.analysis_report import findings
+from edgerepvgg.quant.calibrate import NAIVE, CalibrationConfig, CalibrationStats, make_spec, stats_for
+from edgerepvgg.quant.emulate import IntegerNet
+from edgerepvgg.quant.observers import quantile, weight_scales
+from edgerepvgg.quant.spec import Constraints, QuantSpec, Scheme, TensorQuant, resolve_constraints, with_float_layers
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ def activation_stats(calib: CalibrationStats, point: str, quant: TensorQuant | N
     hist = calib.histograms[point]
     if hist.count == 0:
         raise UserError(f"no values were observed at {point}; calibrate on at least one image")
-    p999, p9999 = _quantile(hist, 99.9, signed=False), _quantile(hist, 99.99, signed=False)
+    p999, p9999 = quantile(hist, 99.9, signed=False), quantile(hist, 99.99, signed=False)
     clip = scale = None
     if quant is not None:
         scale, zp = quant.scale[0], quant.zero_point[0]
@@ -195,7 +197,7 @@ def activation_stats(calib: CalibrationStats, point: str, quant: TensorQuant | N
 
 @dataclass(frozen=True)
 class Sensitivity:
-    """The network with only ``layer`` quantized (fake-quant), against FP32 on the eval set."""
+    """The network with only ``layer`` quantized (integer emulation), against FP32 on the eval set."""
 
     layer: str
     top1: float
@@ -210,15 +212,35 @@ def quantizers(spec: QuantSpec) -> list[str]:
     return names[:-1] + ["pool", names[-1]]
 
 
+def quantized_only(plain: PlainNet, spec: QuantSpec, names: Collection[str]) -> IntegerNet:
+    """The integer emulation of ``plain`` under ``spec`` with only the quantizers ``names`` (see
+    :func:`quantizers`) quantized and everything else in float; the output quantizer goes with
+    the head. With every quantizer named it is ``IntegerNet(plain, spec)`` itself: sensitivity is
+    measured on the one quantized function every target is checked against."""
+    names = set(names)
+    unknown = names - set(quantizers(spec))
+    if unknown:
+        raise UserError(f"no quantizer {sorted(unknown)[0]!r} in this QuantSpec; quantizers are {', '.join(quantizers(spec))}")
+    floats = [layer.name for layer in spec.layers if layer.name not in names]
+    keep_float = [p for p, on in (("pool", "pool" in names), ("output", spec.layers[-1].name in names)) if not on]
+    return IntegerNet(plain, with_float_layers(spec, floats), keep_float=keep_float)
+
+
+def require_eval_set(eval_set: TensorDataset) -> None:
+    """The one check on an evaluation set that accuracy is measured on: labelled and not empty."""
+    if not eval_set.labelled:  # also False for an empty set
+        raise UserError(f"the evaluation set {eval_set.source} must be labelled (one subfolder per class) and not empty")
+
+
 @torch.no_grad()
 def layer_sensitivity(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset, layers: list[str] | None = None,
                       fp32_logits: torch.Tensor | None = None, batch_size: int = 256,
                       progress: bool = False, desc: str = "sensitivity") -> list[Sensitivity]:  # fmt: skip
-    """:class:`Sensitivity` of each of ``layers`` (default: :func:`quantizers`); layers the spec
-    keeps in float are skipped."""
+    """:class:`Sensitivity` of each of ``layers`` (default: :func:`quantizers`), each measured on
+    :func:`quantized_only`; layers the spec keeps in float are skipped."""
     from tqdm import tqdm
 
-    _check_eval(eval_set)
+    require_eval_set(eval_set)
     plain = plain.eval()
     if fp32_logits is None:
         fp32_logits = predict(plain, eval_set, batch_size)
@@ -227,7 +249,7 @@ def layer_sensitivity(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset,
     todo = [name for name in (layers if layers is not None else quantizers(spec)) if name not in floats]
     out = []
     for name in tqdm(todo, desc=desc, disable=not progress, leave=False):
-        logits = predict(FakeQuantNet(plain, spec, quantize_layers={name}), eval_set, batch_size)
+        logits = predict(quantized_only(plain, spec, {name}), eval_set, batch_size)
         top1 = topk_accuracy(logits, eval_set.labels)
         out.append(Sensitivity(name, top1, 100.0 * (fp32_top1 - top1), sqnr_db(fp32_logits, logits)))
     return out
@@ -237,11 +259,6 @@ def rank(sensitivities: list[Sensitivity]) -> list[str]:
     """Most sensitive first: the larger top-1 drop, then (drops on a small eval set tie often)
     the lower logit SQNR."""
     return [s.layer for s in sorted(sensitivities, key=lambda s: (-s.drop, s.logit_sqnr))]
-
-
-def _check_eval(eval_set: TensorDataset) -> None:
-    if len(eval_set) == 0 or not eval_set.labelled:
-        raise UserError(f"the evaluation set {eval_set.source} must be labelled (one subfolder per class) and not empty")
 
 
 def integer_top1(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset, batch_size: int = 256) -> float:
@@ -311,7 +328,7 @@ class Analysis:
             "channel_ratio": "largest / smallest per-output-channel max|w| (all-zero channels left out)",
             "activation percentiles": "of |x| over the calibration images",
             "tail_ratio": "max|x| / p99.99",
-            "drop": "top-1 percentage points below FP32 with only this quantizer quantized (fake-quant)",
+            "drop": "top-1 percentage points below FP32 with only this quantizer quantized (integer emulation)",
             "logit_sqnr": "SQNR of the logits against FP32 with only this quantizer quantized",
             "naive": "per-tensor min/max weights, min/max activations",
         }  # fmt: skip
@@ -345,7 +362,7 @@ def analyze(
     plain: PlainNet,
     calib_set: TensorDataset,
     eval_set: TensorDataset,
-    constraints: Constraints,
+    constraints: Constraints | str,
     config: CalibrationConfig | str = "mse",
     batch_size: int = 256,
     progress: bool = False,
@@ -353,15 +370,14 @@ def analyze(
 ) -> Analysis:
     """Weight, activation and sensitivity analysis of ``plain`` for ``constraints``: naive PTQ
     (per-tensor min/max weights, min/max activations) against ``config`` (or a method name).
-    Statistics come from ``calib_set`` (through the statistics cache unless ``cache=False``);
-    accuracy from the labelled ``eval_set``. Runs the network ``2 * (layers + 2) + 3`` times over
-    ``eval_set``: keep it to about a thousand images."""
-    _check_eval(eval_set)
+    Statistics come from ``calib_set`` (:func:`~edgerepvgg.quant.calibrate.stats_for`: through the
+    statistics cache unless ``cache=False``); accuracy from the labelled ``eval_set``. Runs the
+    network ``2 * (layers + 2) + 3`` times over ``eval_set``: keep it to about a thousand images.
+    ``constraints`` is a :class:`Constraints` or a constraint-set name."""
+    require_eval_set(eval_set)
+    constraints = resolve_constraints(constraints)
     plain = plain.eval()
-    if cache is False:
-        stats = collect_stats(plain, calib_set, progress=progress)
-    else:
-        stats = cached_stats(plain, calib_set, progress=progress, cache=cache or None)
+    stats = stats_for(plain, calib_set, progress=progress, cache=cache)
     config = CalibrationConfig.of(config)
     naive = make_spec(plain, stats, constraints, NAIVE)
     chosen = make_spec(plain, stats, constraints, config)
@@ -381,7 +397,7 @@ def analyze(
             bar.update(1)
     bar.close()
 
-    modules = dict(zip([layer.name for layer in chosen.layers], [*plain.convs, plain.head]))
+    modules = dict(zip(plain.layer_names(), [*plain.convs, plain.head]))
     rows = []
     for name in names:
         w = modules.get(name)
@@ -406,167 +422,20 @@ def analyze(
     return result
 
 
-def findings(a: Analysis) -> list[str]:
-    """A few sentences that say where the naive loss comes from."""
-    out = []
-    weighted = [r for r in a.layers if r.weight is not None]
-    gaps = [(r.weight.sqnr_per_channel - r.weight.sqnr_per_tensor, r) for r in weighted
-            if math.isfinite(r.weight.sqnr_per_channel) and math.isfinite(r.weight.sqnr_per_tensor)]  # fmt: skip
-    if gaps:
-        gap, worst = max(gaps, key=lambda g: g[0])
-        mean_gap = sum(g for g, _ in gaps) / len(gaps)
-        wide = sum(1 for r in weighted if (r.weight.channel_ratio or 0) > 10)
-        out.append(f"weights: {wide} of {len(weighted)} layers have a channel range ratio above 10x; per-tensor scales "
-                   f"cost {mean_gap:.1f} dB of weight SQNR on average against per-channel, worst {worst.name} "
-                   f"({worst.weight.sqnr_per_tensor:.1f} vs {worst.weight.sqnr_per_channel:.1f} dB, "
-                   f"ratio {_fmt_ratio(worst.weight.channel_ratio)})")  # fmt: skip
-    peaked = [r for r in weighted if r.weight.kurtosis > 100 and math.isfinite(r.weight.sqnr_per_channel)]
-    if peaked:
-        mean_pc = sum(r.weight.sqnr_per_channel for r in peaked) / len(peaked)
-        out.append(f"weights: {len(peaked)} layers have excess kurtosis above 100 (a few weights, e.g. the fused identity "
-                   f"branch's centre taps, dwarf the rest of their channel); even per-channel scales give them only "
-                   f"{mean_pc:.1f} dB on average: clipping weights (mse) or quantization-aware training targets that")  # fmt: skip
-    tails = [r for r in a.layers if (r.activation.tail_ratio or 0) > 2]
-    if tails:
-        worst = max(tails, key=lambda r: r.activation.tail_ratio)
-        out.append(f"activations: {len(tails)} of {len(a.layers)} quantizer inputs have max|x| above 2x their p99.99, "
-                   f"so min/max ranges waste over a bit there; worst {worst.name} ({worst.activation.tail_ratio:.1f}x)")  # fmt: skip
-    for r in a.layers:
-        x = r.activation
-        amax = max(-x.min, x.max)
-        if x.clip is None or amax == 0:
-            continue
-        kept = max(-x.clip[0], x.clip[1]) / amax
-        if r.chosen.drop - r.naive.drop >= 1.0 and kept < 0.9:
-            out.append(f"clipping: {a.method} cuts {r.name}'s input to {100 * kept:.0f}% of max|x| ({_fmt_num(max(-x.clip[0], x.clip[1]))}"
-                       f" of {_fmt_num(amax)}); alone that costs {r.chosen.drop:.1f} pt against {r.naive.drop:.1f} with "
-                       f"min/max: try another method (minmax, percentile, mse) for this model")  # fmt: skip
-    out.append(f"naive INT8: {100 * (a.naive_top1 - a.fp32_top1):+.1f} pt against FP32; alone, "
-               f"{', '.join(f'{n} ({0.0 - a.row(n).naive.drop:+.1f} pt)' for n in a.most_sensitive('naive'))} cost the most")  # fmt: skip
-    out.append(f"{a.method} with per-channel weights: {100 * (a.chosen_top1 - a.fp32_top1):+.1f} pt; most sensitive: "
-               f"{', '.join(f'{n} ({0.0 - a.row(n).chosen.drop:+.1f} pt)' for n in a.most_sensitive('chosen'))}")  # fmt: skip
-    return out
+def __getattr__(name: str):
+    """The rendering names this module held before :mod:`edgerepvgg.quant.analysis_report`
+    (``table``, ``TABLE_LEGEND``, ``summary``, ``plot``, ``write``), for callers not yet moved."""
+    if name in _MOVED:
+        from edgerepvgg.quant import analysis_report
+
+        return getattr(analysis_report, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Rendering: the table and the plot
-
-
-def _fmt_ratio(r: float | None) -> str:
-    return "-" if r is None else f"{r:.0f}x" if r >= 100 else f"{r:.1f}x"
-
-
-def _fmt_db(v: float) -> str:
-    return "inf" if v == math.inf else f"{v:.1f}"
-
-
-def _fmt_num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
-
-
-def table(a: Analysis) -> str:
-    """One aligned row per quantizer."""
-    head = (f"{'layer':<9} {'ch':>4} {'ch ratio':>8} {'kurt':>6} {'outl%':>6} {'wSQNR pt':>8} {'pc':>5}  "
-            f"{'act max':>8} {'p99.99':>8} {'max/p':>6} {'clip':>8}  {'naive dpt':>9} {'dpt':>6} {'lSQNR':>6}")  # fmt: skip
-    lines = [head]
-    for r in a.layers:
-        w, x = r.weight, r.activation
-        wcols = " " * 42  # pool has no weight
-        if w:
-            wcols = (f"{w.channels:>4} {_fmt_ratio(w.channel_ratio):>8} {w.kurtosis:>6.1f} {100 * w.outlier_share:>6.2f} "
-                     f"{_fmt_db(w.sqnr_per_tensor):>8} {_fmt_db(w.sqnr_per_channel):>5}")  # fmt: skip
-        amax = max(-x.min, x.max)
-        clip = "-" if x.clip is None else _fmt_num(max(-x.clip[0], x.clip[1]))
-        tail = "-" if x.tail_ratio is None else f"{x.tail_ratio:.1f}"
-        lines.append(f"{r.name:<9} {wcols}  {_fmt_num(amax):>8} {_fmt_num(x.p99_99):>8} {tail:>6} {clip:>8}  "
-                     f"{r.naive.drop:>9.1f} {r.chosen.drop:>6.1f} {_fmt_db(r.chosen.logit_sqnr):>6}")  # fmt: skip
-    return "\n".join(lines)
-
-
-TABLE_LEGEND = ("ch ratio: largest/smallest channel max|w|; kurt: excess kurtosis; outl%: weights beyond 3 sigma; "
-                "wSQNR pt/pc: weight SQNR (dB, mean over channels) per-tensor/per-channel;\nact max, p99.99: of |x| at the layer's input; "
-                "clip: chosen range; naive dpt / dpt: top-1 drop (pt) with only this layer quantized, naive / chosen; "
-                "lSQNR: logit SQNR (dB), chosen")  # fmt: skip
-
-
-def summary(a: Analysis) -> str:
-    lines = [
-        f"FP32 top-1 {100 * a.fp32_top1:.2f}%  |  naive INT8 {100 * a.naive_top1:.2f}% ({100 * (a.naive_top1 - a.fp32_top1):+.2f} pt)"
-        f"  |  {a.method} INT8 {100 * a.chosen_top1:.2f}% ({100 * (a.chosen_top1 - a.fp32_top1):+.2f} pt)"
-        f"  on {a.evaluation['images']} images ({a.constraints}, integer emulation)",
-        f"most sensitive, naive: {', '.join(a.most_sensitive('naive'))};  {a.method}: {', '.join(a.most_sensitive('chosen'))}",
-    ]  # fmt: skip
-    return "\n".join(lines + [f"- {f}" for f in a.findings])
-
-
-def plot(a: Analysis, path: str | Path) -> Path:
-    """A four-panel PNG: channel range ratio, weight SQNR per-tensor vs per-channel, activation
-    max vs p99.99 (and the chosen clip), sensitivity naive vs chosen; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
-
-    names = [r.name.replace("convs.", "") for r in a.layers]
-    x = np.arange(len(names))
-    fig = Figure(figsize=(max(10.0, 0.45 * len(names) + 4), 9), layout="constrained")
-    (ax1, ax2), (ax3, ax4) = fig.subplots(2, 2, sharex=True)
-
-    def val(v):
-        return np.nan if v is None or not math.isfinite(v) else v
-
-    ratio = [val(r.weight.channel_ratio) if r.weight else np.nan for r in a.layers]
-    ax1.bar(x, ratio, color="tab:purple")
-    ax1.set_yscale("log")
-    ax1.set_ylabel("max / min channel max|w|")
-    ax1.set_title("weight channel range ratio")
-    w = 0.4
-    ax2.bar(x - w / 2, [val(r.weight.sqnr_per_tensor) if r.weight else np.nan for r in a.layers], w, label="per-tensor (naive)")
-    ax2.bar(x + w / 2, [val(r.weight.sqnr_per_channel) if r.weight else np.nan for r in a.layers], w, label="per-channel")
-    ax2.set_ylabel("dB")
-    ax2.set_title("weight quantization SQNR")
-    ax2.legend(fontsize=8)
-    ax3.plot(x, [max(-r.activation.min, r.activation.max) for r in a.layers], "o-", label="max|x|")
-    ax3.plot(x, [r.activation.p99_99 for r in a.layers], "s-", label="p99.99")
-    ax3.plot(x, [max(-r.activation.clip[0], r.activation.clip[1]) if r.activation.clip else np.nan for r in a.layers],
-             "^--", label=f"{a.method} clip")  # fmt: skip
-    ax3.set_yscale("log")
-    ax3.set_title("activation range at each quantizer's input")
-    ax3.legend(fontsize=8)
-    ax4.bar(x - w / 2, [r.naive.drop for r in a.layers], w, label="naive", color="tab:red")
-    ax4.bar(x + w / 2, [r.chosen.drop for r in a.layers], w, label=a.method, color="tab:green")
-    ax4.set_ylabel("top-1 drop (pt)")
-    ax4.set_title("sensitivity: only this layer quantized")
-    ax4.axhline(0, color="black", lw=0.5)
-    ax5 = ax4.twinx()  # drops on a small eval set are coarse; the logit SQNR is not
-    ax5.plot(x, [val(r.naive.logit_sqnr) for r in a.layers], "v:", color="tab:red", label="naive logit SQNR")
-    ax5.plot(x, [val(r.chosen.logit_sqnr) for r in a.layers], "^:", color="tab:green", label=f"{a.method} logit SQNR")
-    ax5.set_ylabel("logit SQNR (dB)")
-    handles = ax4.get_legend_handles_labels()[0] + ax5.get_legend_handles_labels()[0]
-    ax4.legend(handles, [h.get_label() for h in handles], fontsize=8)
-    for ax in (ax3, ax4):
-        ax.set_xticks(x, names, rotation=90, fontsize=7)
-        ax.set_xlabel("layer (conv index, pool, head)")
-    fig.suptitle(f"{a.model} / {a.constraints}: FP32 {100 * a.fp32_top1:.1f}%, naive INT8 {100 * a.naive_top1:.1f}%, "
-                 f"{a.method} INT8 {100 * a.chosen_top1:.1f}% top-1 ({a.evaluation['images']} images)")  # fmt: skip
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return path
-
-
-def write(a: Analysis, out_dir: str | Path) -> tuple[Path, Path]:
-    """``out_dir/analysis.json`` and ``out_dir/analysis.png``, each written atomically."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder; pass -o a folder for analysis.json and analysis.png")
-    return write_text_atomic(out_dir / "analysis.json", a.to_json() + "\n"), plot(a, out_dir / "analysis.png")
-
+_MOVED = ("TABLE_LEGEND", "plot", "summary", "table", "write")
 
 __all__ = [
     "Analysis", "ActivationStats", "LayerAnalysis", "Sensitivity", "WeightStats", "analyze", "channel_range_ratio",
-    "channel_sqnr_db", "excess_kurtosis", "layer_sensitivity", "outlier_share", "plot", "rank", "sqnr_db", "summary", "table",
-    "weight_stats", "write",
+    "channel_sqnr_db", "excess_kurtosis", "integer_top1", "layer_sensitivity", "outlier_share", "quantized_only",
+    "quantizers", "rank", "require_eval_set", "sqnr_db", "weight_stats",
 ]  # fmt: skip

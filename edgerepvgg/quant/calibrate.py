@@ -19,14 +19,15 @@ import torch
 
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
+from edgerepvgg.inputs import InputSpec
 from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.observers import OBSERVERS, Histogram, activation_range, weight_scales
-from edgerepvgg.quant.spec import Constraints, LayerQuant, QuantSpec, TensorQuant, model_hash, qparams
+from edgerepvgg.quant.observers import RANGE_METHODS, WEIGHT_METHODS, Histogram, activation_range, weight_scales
+from edgerepvgg.quant.spec import Constraints, LayerQuant, QuantSpec, TensorQuant, model_hash, qparams, resolve_constraints
 
 log = logging.getLogger(__name__)
 
-WEIGHT_METHODS = ("minmax", "mse")
+PERCENTILE_MIN = 50.0  # exclusive: below the median "percentile" would clip most of the data away
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,12 @@ class CalibrationConfig:
     per_tensor_weights: bool = False
 
     def __post_init__(self) -> None:
-        if self.method not in OBSERVERS:
-            raise UserError(f"unknown calibration method {self.method!r}; choose one of {', '.join(OBSERVERS)}")
+        if self.method not in RANGE_METHODS:
+            raise UserError(f"unknown calibration method {self.method!r}; choose one of {', '.join(RANGE_METHODS)}")
         if self.weight_method not in WEIGHT_METHODS:
             raise UserError(f"unknown weight method {self.weight_method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
-        if not 0 < self.percentile <= 100:
-            raise UserError(f"--percentile must be in (0, 100], got {self.percentile}")
+        if not (isinstance(self.percentile, (int, float)) and PERCENTILE_MIN < self.percentile <= 100):
+            raise UserError(f"--percentile must be in ({PERCENTILE_MIN:g}, 100], got {self.percentile!r}")
 
     @classmethod
     def of(cls, config: "CalibrationConfig | str") -> "CalibrationConfig":
@@ -135,13 +136,23 @@ def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, 
     return stats
 
 
-def input_range(spec) -> tuple[float, float]:
+def stats_for(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
+              cache: Path | None | bool = None) -> CalibrationStats:  # fmt: skip
+    """The activation statistics of ``plain`` over ``dataset``: through the on-disk cache
+    (``cache=None``: the user cache directory; a Path: that folder), or collected afresh
+    (``cache=False``). The one place that decides, for calibration and analysis alike."""
+    if cache is False:
+        return collect_stats(plain, dataset, batch_size, progress)
+    return cached_stats(plain, dataset, batch_size, progress, cache or None)
+
+
+def input_range(input_spec: InputSpec) -> tuple[float, float]:
     """The exact range of normalized pixels: ``(0 - mean) / std`` to ``(1 - mean) / std`` over the
     channels. A calibrator would only estimate it (entropy clips bright pixels: measured 6 pt of
     top-1 on the bundled model's first layer); on an affine 8-bit grid with one channel the grid
     step is exactly one pixel level."""
-    lows = [(0.0 - m) / s for m, s in zip(spec.mean, spec.std)]
-    highs = [(1.0 - m) / s for m, s in zip(spec.mean, spec.std)]
+    lows = [(0.0 - m) / s for m, s in zip(input_spec.mean, input_spec.std)]
+    highs = [(1.0 - m) / s for m, s in zip(input_spec.mean, input_spec.std)]
     return min(lows), max(highs)
 
 
@@ -165,7 +176,7 @@ def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints
         return _tensor_quant(lo, hi, act)
 
     layers = []
-    for name, module in zip([f"convs.{i}" for i in range(len(plain.convs))] + ["head"], [*plain.convs, plain.head]):
+    for name, module in zip(plain.layer_names(), [*plain.convs, plain.head]):
         scales = weight_scales(module.weight.detach(), constraints.weight, config.weight_method)
         if config.per_tensor_weights:
             scales = torch.full_like(scales, float(scales.max()))
@@ -179,20 +190,18 @@ def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints
 def calibrate(
     plain: PlainNet,
     dataset: TensorDataset,
-    constraints: Constraints,
+    constraints: Constraints | str,
     config: CalibrationConfig | str = "mse",
     batch_size: int = 64,
     progress: bool = True,
     cache: Path | None | bool = None,
 ) -> QuantSpec:
-    """Calibrate ``plain`` on ``dataset`` for ``constraints`` under ``config`` (or a method name);
-    ``cache=False`` disables the statistics cache."""
+    """Calibrate ``plain`` on ``dataset`` for ``constraints`` (a :class:`Constraints`, or a
+    constraint-set name resolved by :func:`~edgerepvgg.quant.spec.constraints_for`) under
+    ``config`` (or a method name); ``cache=False`` disables the statistics cache."""
+    constraints = resolve_constraints(constraints)
     config = CalibrationConfig.of(config)
-    if cache is False:
-        stats = collect_stats(plain, dataset, batch_size, progress)
-    else:
-        stats = cached_stats(plain, dataset, batch_size, progress, cache or None)
-    return make_spec(plain, stats, constraints, config)
+    return make_spec(plain, stats_for(plain, dataset, batch_size, progress, cache), constraints, config)
 
 
 def save_spec(spec: QuantSpec, path: str | Path) -> Path:

@@ -12,16 +12,22 @@ sizes exactly: |acc| < 2^53). Where targets may differ from it:
 - average pooling: the mean of the quantized values is requantized once here; a target that
   accumulates in another order rounds the same exact sum, so it agrees.
 
-``fake_quant`` is the differentiable version used by QAT (straight-through estimator).
+``fake_quant`` is a differentiable quantize-dequantize (straight-through estimator); QAT's own
+fake-quant network, :class:`edgerepvgg.quant.qat.QATNet`, is pinned to ``IntegerNet`` by tests.
 """
 
 from __future__ import annotations
+
+from collections.abc import Collection
 
 import torch
 from torch import nn
 
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.spec import QuantSpec, TensorQuant
+from edgerepvgg.quant.spec import QuantSpec, TensorQuant, require_spec_for
+
+#: The quantizers outside the layers, which ``IntegerNet(keep_float=...)`` can leave out.
+ACTIVATION_QUANTIZERS = ("pool", "output")
 
 
 def round_mode(x: torch.Tensor, rounding: str) -> torch.Tensor:
@@ -31,33 +37,33 @@ def round_mode(x: torch.Tensor, rounding: str) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def _param(values: tuple, dtype: torch.dtype, axis_len: int | None, ndim: int, axis: int) -> torch.Tensor:
+def _param(values: tuple, dtype: torch.dtype, ndim: int, axis: int) -> torch.Tensor:
     t = torch.tensor(values, dtype=dtype)
     if len(values) == 1:
         return t.reshape(())
     shape = [1] * ndim
-    shape[axis] = axis_len if axis_len is not None else len(values)
+    shape[axis] = len(values)
     return t.reshape(shape)
 
 
 def quantize(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axis: int = 0) -> torch.Tensor:
     """Float -> integer values (kept in ``x``'s float dtype): ``clamp(round(x / s) + z)``."""
-    scale = _param(q.scale, x.dtype, None, x.ndim, axis)
-    zp = _param(q.zero_point, x.dtype, None, x.ndim, axis)
+    scale = _param(q.scale, x.dtype, x.ndim, axis)
+    zp = _param(q.zero_point, x.dtype, x.ndim, axis)
     return torch.clamp(round_mode(x / scale, rounding) + zp, q.scheme.qmin, q.scheme.qmax)
 
 
 def dequantize(xq: torch.Tensor, q: TensorQuant, axis: int = 0) -> torch.Tensor:
-    scale = _param(q.scale, xq.dtype, None, xq.ndim, axis)
-    zp = _param(q.zero_point, xq.dtype, None, xq.ndim, axis)
+    scale = _param(q.scale, xq.dtype, xq.ndim, axis)
+    zp = _param(q.zero_point, xq.dtype, xq.ndim, axis)
     return (xq - zp) * scale
 
 
 def fake_quant(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axis: int = 0) -> torch.Tensor:
     """Quantize-dequantize with a straight-through gradient inside the clip range."""
     y = dequantize(quantize(x, q, rounding, axis), q, axis)
-    scale = _param(q.scale, x.dtype, None, x.ndim, axis)
-    zp = _param(q.zero_point, x.dtype, None, x.ndim, axis)
+    scale = _param(q.scale, x.dtype, x.ndim, axis)
+    zp = _param(q.zero_point, x.dtype, x.ndim, axis)
     lo, hi = (q.scheme.qmin - zp) * scale, (q.scheme.qmax - zp) * scale
     inside = (x >= lo) & (x <= hi)
     return torch.where(inside, x + (y - x).detach(), y.detach())
@@ -93,13 +99,21 @@ class IntegerNet(nn.Module):
     real values the integers stand for (float64, exact), and each integer layer quantizes its input
     onto its grid: for a ReLU output that is the requantization step. Layers the spec keeps in
     ``float`` precision compute in float64 on unquantized input. ``forward(x, observe)`` reports
-    the integer values at every activation point, so a target can be compared layer by layer."""
+    the integer values at every activation point, so a target can be compared layer by layer.
 
-    def __init__(self, plain: PlainNet, spec: QuantSpec):
+    ``keep_float`` names quantizers outside the layers (``pool``, ``output``) to leave out too:
+    no target runs that, but it lets the sensitivity analysis quantize one quantizer alone with
+    this same function (:func:`edgerepvgg.quant.analysis.quantized_only`)."""
+
+    def __init__(self, plain: PlainNet, spec: QuantSpec, keep_float: Collection[str] = ()):
         super().__init__()
-        if len(spec.layers) != len(plain.convs) + 1:
-            raise ValueError(f"spec has {len(spec.layers)} layers, the model {len(plain.convs) + 1}")
+        require_spec_for(plain, spec)
+        unknown = set(keep_float) - set(ACTIVATION_QUANTIZERS)
+        if unknown:
+            raise ValueError(f"keep_float takes {' and '.join(ACTIVATION_QUANTIZERS)}, got {sorted(unknown)}")
         self.spec = spec
+        self.quantize_pool = "pool" not in keep_float
+        self.quantize_output = spec.output is not None and "output" not in keep_float
         self.rounding = spec.constraints.rounding
         self.strides = [c.stride for c in plain.convs]
         self.groups = [c.groups for c in plain.convs]
@@ -147,51 +161,16 @@ class IntegerNet(nn.Module):
         x = x.double()
         for i in range(len(self.strides)):
             x = torch.relu(self._layer(i, x, observe))
-        xq = quantize(x, spec.pool, self.rounding, axis=1)
-        if observe:
-            observe("pool", xq)
-        x = dequantize(xq, spec.pool, axis=1).mean(dim=(2, 3))
+        if self.quantize_pool:
+            xq = quantize(x, spec.pool, self.rounding, axis=1)
+            if observe:
+                observe("pool", xq)
+            x = dequantize(xq, spec.pool, axis=1)
+        x = x.mean(dim=(2, 3))
         logits = self._layer(len(self.strides), x, observe)
-        if spec.output is not None:
+        if self.quantize_output:
             oq = quantize(logits, spec.output, self.rounding, axis=1)
             if observe:
                 observe("output", oq)
             logits = dequantize(oq, spec.output, axis=1)
         return logits.float()
-
-
-class FakeQuantNet(nn.Module):
-    """The same quantized function in float with fake-quant (differentiable, for QAT and for
-    quick what-if analysis). ``quantize_layers`` limits which layers are quantized (sensitivity)."""
-
-    def __init__(self, plain: PlainNet, spec: QuantSpec, quantize_layers: set[str] | None = None):
-        super().__init__()
-        self.plain, self.spec = plain, spec
-        self.active = quantize_layers
-        self.float_layers = {layer.name for layer in spec.layers if layer.precision == "float"}
-
-    def _on(self, name: str) -> bool:
-        return name not in self.float_layers and (self.active is None or name in self.active)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        spec, r = self.spec, self.spec.constraints.rounding
-        n = len(self.plain.convs)
-        for i, conv in enumerate(self.plain.convs):
-            layer = spec.layers[i]
-            w = conv.weight
-            if self._on(layer.name):
-                x = fake_quant(x, layer.input, r, axis=1)
-                w = fake_quant(w, layer.weight, "half_even", axis=0)
-            x = torch.relu(nn.functional.conv2d(x, w, conv.bias, conv.stride, 1, 1, conv.groups))
-        if self._on("pool"):
-            x = fake_quant(x, spec.pool, r, axis=1)
-        x = x.mean(dim=(2, 3))
-        head, layer = self.plain.head, spec.layers[n]
-        w = head.weight
-        if self._on(layer.name):
-            x = fake_quant(x, layer.input, r, axis=1)
-            w = fake_quant(w, layer.weight, "half_even", axis=0)
-        y = nn.functional.linear(x, w, head.bias)
-        if spec.output is not None and self._on(layer.name):
-            y = fake_quant(y, spec.output, r, axis=1)
-        return y

@@ -2,9 +2,9 @@
 
 Starting from a calibrated QuantSpec, the most sensitive layers are kept in float one at a time,
 most sensitive first, until the integer emulation's top-1 is within ``max_drop`` points of FP32.
-A float layer stays between the Q/DQ nodes of its neighbours, which every target here can run
-(TensorRT, OpenVINO, TFLite and ONNX Runtime all execute a float conv there); the spec records
-which layers were kept in float and why, so a report can say it.
+A float layer stays between the Q/DQ nodes of its neighbours, which TensorRT, OpenVINO and ONNX
+Runtime execute as a float conv; full-integer TFLite cannot, and its target refuses such a spec.
+The spec records which layers were kept in float and why, so a report can say it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.analysis import Analysis, Sensitivity, integer_top1, layer_sensitivity, rank
-from edgerepvgg.quant.spec import QuantSpec
+from edgerepvgg.quant.analysis import Analysis, Sensitivity, integer_top1, layer_sensitivity, rank, require_eval_set
+from edgerepvgg.quant.spec import QuantSpec, with_float_layers
 
 log = logging.getLogger(__name__)
 
@@ -28,17 +28,6 @@ _SLACK = 1e-6  # points: top-1 is a float32 mean, so a drop exactly at the gate 
 
 def _meets(drop: float, max_drop: float) -> bool:
     return drop <= max_drop + _SLACK
-
-
-def with_float_layers(spec: QuantSpec, names: Sequence[str]) -> QuantSpec:
-    """``spec`` with ``names`` set to ``precision='float'``."""
-    known = {layer.name for layer in spec.layers}
-    unknown = [n for n in names if n not in known]
-    if unknown:
-        raise UserError(f"no layer {unknown[0]!r} in this QuantSpec; layers are {', '.join(sorted(known))}")
-    keep = set(names)
-    layers = tuple(replace(layer, precision="float") if layer.name in keep else layer for layer in spec.layers)
-    return replace(spec, layers=layers)
 
 
 def keep_sensitive_layers(
@@ -63,10 +52,9 @@ def keep_sensitive_layers(
     ``calibration['mixed_precision']`` records the gate, the status (``met``, or ``unmet`` when even
     every layer in float misses it: then the spec is the best step found, fewest float layers on a
     tie) and, per float layer, why it was kept."""
-    if not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
-        raise UserError(f"the accuracy gate must be a non-negative number of top-1 points, got {max_drop!r}")
-    if len(eval_set) == 0 or not eval_set.labelled:
-        raise UserError(f"the evaluation set {eval_set.source} must be labelled (one subfolder per class) and not empty")
+    if isinstance(max_drop, bool) or not (isinstance(max_drop, (int, float)) and math.isfinite(max_drop) and max_drop >= 0):
+        raise UserError(f"--max-drop must be a non-negative, finite number of top-1 points (the accuracy gate); got {max_drop!r}")
+    require_eval_set(eval_set)
     plain = plain.eval()
     fp32_logits = predict(plain, eval_set, batch_size)
     fp32_top1 = topk_accuracy(fp32_logits, eval_set.labels)
@@ -126,7 +114,8 @@ def keep_sensitive_layers(
         "fp32_top1": fp32_top1, "int_top1": trace[0]["top1"], "top1": best["top1"], "drop": best["drop"],
         "eval_set": eval_set.source, "eval_images": len(eval_set),
         "kept_float": kept, "already_float": already, "tried": len(trace) - 1,
-        "note": "float layers run between the Q/DQ nodes of their neighbours; every target here executes them in float",
+        "note": "float layers run between the Q/DQ nodes of their neighbours: TensorRT, OpenVINO and ONNX Runtime "
+                "execute them in float; the TFLite target refuses a spec with float layers (full integer only)",
     }  # fmt: skip
     if not met:
         record["message"] = (f"even with all {len(order)} layers tried in float the INT8 top-1 stays {best['drop']:.2f} pt "

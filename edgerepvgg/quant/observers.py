@@ -11,6 +11,7 @@ the same batches give the same histogram, and the same histogram the same ranges
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -18,8 +19,9 @@ import torch
 from edgerepvgg.errors import UserError
 from edgerepvgg.quant.spec import Scheme, qparams
 
-OBSERVERS: tuple[str, ...] = ("minmax", "percentile", "entropy", "mse")
-WEIGHT_OBSERVERS: tuple[str, ...] = ("minmax", "mse")
+#: Per-channel weight range methods (:func:`weight_scales`); activation range methods are the
+#: keys of :data:`RANGE_METHODS`, defined below with their functions.
+WEIGHT_METHODS: tuple[str, ...] = ("minmax", "mse")
 
 HISTOGRAM_FORMAT = 1
 _MSE_FRACTIONS = 100  # weight "mse": clip candidates in [0.5, 1.0] x max|w| per channel
@@ -148,7 +150,11 @@ class Histogram:
         self.exponent = exponent
 
     def merge(self, other: "Histogram") -> "Histogram":
-        """Add ``other``'s data to this histogram (exact); returns ``self``."""
+        """Add ``other``'s data to this histogram (exact); returns ``self``.
+
+        Calibration itself never merges (it streams every batch into one histogram); this method
+        exists to state, and let the tests check, the determinism property of the class: a
+        histogram of a split stream, merged, equals the histogram of the whole stream."""
         if other.bins != self.bins:
             raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
         if other.count == 0:
@@ -255,7 +261,7 @@ def _intervals(hist: Histogram, signed: bool) -> tuple[np.ndarray, np.ndarray, n
     return lefts, rights, counts
 
 
-def _quantile(hist: Histogram, percent: float, signed: bool) -> float:
+def quantile(hist: Histogram, percent: float, signed: bool) -> float:
     """The value below which ``percent`` % of the data lies (of ``x``, or of ``|x|``), reading the
     histogram as uniform inside each bin; clamped to the observed range (exact at 0 and 100 %)."""
     lo, hi = (hist.min, hist.max) if signed else (0.0, hist.amax)
@@ -288,6 +294,34 @@ def _window(t: float, hist: Histogram, scheme: Scheme) -> tuple[float, float]:
 # ---------------------------------------------------------------------------------------------
 # Activation ranges
 
+#: ``method(histogram, scheme, percentile) -> (lo, hi)``: one entry of :data:`RANGE_METHODS`.
+RangeMethod = Callable[[Histogram, Scheme, float], tuple[float, float]]
+
+
+def _minmax_range(hist: Histogram, scheme: Scheme, percentile: float) -> tuple[float, float]:
+    return hist.min, hist.max
+
+
+def _percentile_range(hist: Histogram, scheme: Scheme, percentile: float) -> tuple[float, float]:
+    assert 50 < percentile <= 100, percentile  # CalibrationConfig enforces it
+    if scheme.symmetric:
+        t = quantile(hist, percentile, signed=False)
+        return (0.0, t) if hist.min >= 0 else (-t, t)
+    lo = quantile(hist, 100 - percentile, signed=True)
+    hi = quantile(hist, percentile, signed=True)
+    return min(lo, 0.0), max(hi, 0.0)
+
+
+def _searched_range(search: Callable[[Histogram, Scheme], float]) -> RangeMethod:
+    """A method that searches one threshold ``t`` over the histogram of ``|x|``."""
+
+    def range_of(hist: Histogram, scheme: Scheme, percentile: float) -> tuple[float, float]:
+        if hist.amax == 0 or hist.min == hist.max:  # fast path: nothing to search
+            return _window(hist.amax, hist, scheme)
+        return _window(search(hist, scheme), hist, scheme)
+
+    return range_of
+
 
 def activation_range(hist: Histogram, method: str, scheme: Scheme, percentile: float = 99.99) -> tuple[float, float]:
     """Clip range ``[lo, hi]`` for one per-tensor activation on ``scheme``'s grid
@@ -305,26 +339,13 @@ def activation_range(hist: Histogram, method: str, scheme: Scheme, percentile: f
     ``entropy`` and ``mse`` search one threshold ``t`` over the histogram of ``|x|`` and return
     :func:`_window`'s range. Degenerate data (all zeros, one value) gives ``(min, max)``-like
     ranges, never NaN; ``qparams`` handles a zero span.
+
+    ``method`` must be a key of :data:`RANGE_METHODS` and ``percentile`` in (50, 100]: the
+    caller's config (:class:`~edgerepvgg.quant.calibrate.CalibrationConfig`) validates both.
     """
-    if method not in OBSERVERS:
-        raise UserError(f"unknown calibration method {method!r}; choose one of {', '.join(OBSERVERS)}")
     if hist.count == 0:
         raise UserError("no values were observed for this activation; calibrate on at least one image")
-    if method == "minmax":
-        return hist.min, hist.max
-    if method == "percentile":
-        if not 50 < percentile <= 100:
-            raise UserError(f"percentile must be in (50, 100], got {percentile}")
-        if scheme.symmetric:
-            t = _quantile(hist, percentile, signed=False)
-            return (0.0, t) if hist.min >= 0 else (-t, t)
-        lo = _quantile(hist, 100 - percentile, signed=True)
-        hi = _quantile(hist, percentile, signed=True)
-        return min(lo, 0.0), max(hi, 0.0)
-    if hist.amax == 0 or hist.min == hist.max:  # fast path: nothing to search
-        return _window(hist.amax, hist, scheme)
-    t = entropy_threshold(hist, scheme) if method == "entropy" else mse_threshold(hist, scheme)
-    return _window(t, hist, scheme)
+    return RANGE_METHODS[method](hist, scheme, percentile)
 
 
 def entropy_levels(hist: Histogram, scheme: Scheme) -> int:
@@ -445,6 +466,17 @@ def mse_threshold(hist: Histogram, scheme: Scheme) -> float:
     return float(thresholds[best])
 
 
+#: The activation range methods, name -> function: the one table every caller (the config's
+#: validation, the CLI's choices, :func:`activation_range`) reads.
+RANGE_METHODS: dict[str, RangeMethod] = {
+    "minmax": _minmax_range,
+    "percentile": _percentile_range,
+    "entropy": _searched_range(entropy_threshold),
+    "mse": _searched_range(mse_threshold),
+}
+OBSERVERS = RANGE_METHODS  # the former name; edgerepvgg.cli reads it
+
+
 # ---------------------------------------------------------------------------------------------
 # Weights
 
@@ -462,8 +494,8 @@ def weight_scales(weight: torch.Tensor, scheme: Scheme, method: str = "minmax") 
     ``round(b / (s_in * s_w))``, which a tiny scale would overflow; it gets the smallest scale
     of the layer's other channels (``1 / qmax`` when the whole weight is zero). Never 0 or NaN.
     """
-    if method not in WEIGHT_OBSERVERS:
-        raise UserError(f"unknown weight method {method!r}; choose one of {', '.join(WEIGHT_OBSERVERS)}")
+    if method not in WEIGHT_METHODS:  # CalibrationConfig validates what users pass
+        raise ValueError(f"unknown weight method {method!r}; choose one of {', '.join(WEIGHT_METHODS)}")
     if not scheme.symmetric:
         raise ValueError("weights are quantized on symmetric grids")
     w = weight.detach().to(torch.float64).reshape(weight.shape[0], -1).cpu()

@@ -20,11 +20,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgerepvgg.errors import UserError
 from edgerepvgg.machine import needs_reduced_weight_range
+
+if TYPE_CHECKING:
+    from edgerepvgg.plain import PlainNet
 
 SPEC_VERSION = 1
 
@@ -96,18 +101,39 @@ CONSTRAINT_SETS: dict[str, Constraints] = {
 }  # fmt: skip
 
 
+WEIGHT_BITS = (2, 8)  # the weight widths a user may ask for: every target's kernels take int8 weights
+
+
+def _check_weight_bits(bits: int) -> None:
+    lo, hi = WEIGHT_BITS
+    if isinstance(bits, bool) or not isinstance(bits, int) or not lo <= bits <= hi:
+        raise UserError(f"--weight-bits must be between {lo} and {hi}, got {bits!r}")
+
+
 def constraints_for(name: str, host: bool = True, weight_bits: int | None = None) -> Constraints:
     """The constraint set for a target. For CPU targets run on this host (``host=True``), weights
-    drop to 7 bits when the CPU lacks VNNI; ``weight_bits`` overrides either way."""
+    drop to 7 bits when the CPU lacks VNNI; ``weight_bits`` (2..8) overrides either way."""
     try:
         c = CONSTRAINT_SETS[name]
     except KeyError:
         raise UserError(f"unknown constraint set {name!r}; choose one of {', '.join(CONSTRAINT_SETS)}") from None
     if weight_bits is not None:
+        _check_weight_bits(weight_bits)
         return c if weight_bits == c.weight.bits else c.with_weight_bits(weight_bits)
     if host and name in ("openvino", "onnxruntime") and needs_reduced_weight_range():
         return c.with_weight_bits(7)
     return c
+
+
+def resolve_constraints(constraints: Constraints | str, weight_bits: int | None = None) -> Constraints:
+    """``constraints`` itself, or the constraint set of that name (:func:`constraints_for` on this
+    host); ``weight_bits`` (2..8) overrides the weight width of either."""
+    if isinstance(constraints, str):
+        return constraints_for(constraints, weight_bits=weight_bits)
+    if weight_bits is None or weight_bits == constraints.weight.bits:
+        return constraints
+    _check_weight_bits(weight_bits)
+    return constraints.with_weight_bits(weight_bits)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -228,6 +254,17 @@ class QuantSpec:
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
+def with_float_layers(spec: QuantSpec, names: Sequence[str]) -> QuantSpec:
+    """``spec`` with the layers ``names`` set to ``precision='float'`` (mixed precision)."""
+    known = {layer.name for layer in spec.layers}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"no layer {unknown[0]!r} in this QuantSpec; layers are {', '.join(sorted(known))}")
+    keep = set(names)
+    layers = tuple(replace(layer, precision="float") if layer.name in keep else layer for layer in spec.layers)
+    return replace(spec, layers=layers)
+
+
 def load_spec(path: str | Path) -> QuantSpec:
     try:
         text = Path(path).read_text()
@@ -236,10 +273,11 @@ def load_spec(path: str | Path) -> QuantSpec:
     return QuantSpec.from_json(text)
 
 
-def require_spec_for(plain, spec: QuantSpec) -> None:
-    """Refuse a QuantSpec made for another model: its layers must be this PlainNet's and its
-    model hash this PlainNet's weights' (every compiler calls this before writing anything)."""
-    names = [f"convs.{i}" for i in range(len(plain.convs))] + ["head"]
+def require_spec_for(plain: PlainNet, spec: QuantSpec) -> None:
+    """THE check that a QuantSpec belongs to a model: its layers must be this PlainNet's and its
+    model hash this PlainNet's weights'. Every consumer of a (PlainNet, QuantSpec) pair calls it
+    before computing or writing anything: the integer emulation, QAT, the exporters."""
+    names = plain.layer_names()
     if [layer.name for layer in spec.layers] != names:
         raise UserError(f"the QuantSpec's {len(spec.layers)} layers do not match the model's {len(names)}; calibrate this checkpoint")
     if spec.model_hash != model_hash(plain):
@@ -247,7 +285,7 @@ def require_spec_for(plain, spec: QuantSpec) -> None:
                         "or pass the checkpoint the spec was made with (e.g. the QAT output's model.safetensors)")  # fmt: skip
 
 
-def model_hash(plain) -> str:
+def model_hash(plain: PlainNet) -> str:
     """A short hash of a PlainNet's weights and structure."""
     h = hashlib.sha256()
     for name, tensor in plain.state_dict().items():

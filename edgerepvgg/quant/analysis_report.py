@@ -1,0 +1,177 @@
+"""Rendering of an :class:`~edgerepvgg.quant.analysis.Analysis`: plain-words findings, the
+aligned table and its legend, the summary text, the four-panel plot, and the two files
+(``analysis.json``, ``analysis.png``). Nothing here measures anything."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from edgerepvgg.io import atomic_path, output_dir, write_text_atomic
+
+if TYPE_CHECKING:
+    from edgerepvgg.quant.analysis import Analysis
+
+
+def findings(a: Analysis) -> list[str]:
+    """A few sentences that say where the naive loss comes from."""
+    out = []
+    weighted = [r for r in a.layers if r.weight is not None]
+    gaps = [(r.weight.sqnr_per_channel - r.weight.sqnr_per_tensor, r) for r in weighted
+            if math.isfinite(r.weight.sqnr_per_channel) and math.isfinite(r.weight.sqnr_per_tensor)]  # fmt: skip
+    if gaps:
+        gap, worst = max(gaps, key=lambda g: g[0])
+        mean_gap = sum(g for g, _ in gaps) / len(gaps)
+        wide = sum(1 for r in weighted if (r.weight.channel_ratio or 0) > 10)
+        out.append(f"weights: {wide} of {len(weighted)} layers have a channel range ratio above 10x; per-tensor scales "
+                   f"cost {mean_gap:.1f} dB of weight SQNR on average against per-channel, worst {worst.name} "
+                   f"({worst.weight.sqnr_per_tensor:.1f} vs {worst.weight.sqnr_per_channel:.1f} dB, "
+                   f"ratio {_fmt_ratio(worst.weight.channel_ratio)})")  # fmt: skip
+    peaked = [r for r in weighted if r.weight.kurtosis > 100 and math.isfinite(r.weight.sqnr_per_channel)]
+    if peaked:
+        mean_pc = sum(r.weight.sqnr_per_channel for r in peaked) / len(peaked)
+        out.append(f"weights: {len(peaked)} layers have excess kurtosis above 100 (a few weights, e.g. the fused identity "
+                   f"branch's centre taps, dwarf the rest of their channel); even per-channel scales give them only "
+                   f"{mean_pc:.1f} dB on average: clipping weights (mse) or quantization-aware training targets that")  # fmt: skip
+    tails = [r for r in a.layers if (r.activation.tail_ratio or 0) > 2]
+    if tails:
+        worst = max(tails, key=lambda r: r.activation.tail_ratio)
+        out.append(f"activations: {len(tails)} of {len(a.layers)} quantizer inputs have max|x| above 2x their p99.99, "
+                   f"so min/max ranges waste over a bit there; worst {worst.name} ({worst.activation.tail_ratio:.1f}x)")  # fmt: skip
+    for r in a.layers:
+        x = r.activation
+        amax = max(-x.min, x.max)
+        if x.clip is None or amax == 0:
+            continue
+        kept = max(-x.clip[0], x.clip[1]) / amax
+        if r.chosen.drop - r.naive.drop >= 1.0 and kept < 0.9:
+            out.append(f"clipping: {a.method} cuts {r.name}'s input to {100 * kept:.0f}% of max|x| ({_fmt_num(max(-x.clip[0], x.clip[1]))}"
+                       f" of {_fmt_num(amax)}); alone that costs {r.chosen.drop:.1f} pt against {r.naive.drop:.1f} with "
+                       f"min/max: try another method (minmax, percentile, mse) for this model")  # fmt: skip
+    out.append(f"naive INT8: {100 * (a.naive_top1 - a.fp32_top1):+.1f} pt against FP32; alone, "
+               f"{', '.join(f'{n} ({0.0 - a.row(n).naive.drop:+.1f} pt)' for n in a.most_sensitive('naive'))} cost the most")  # fmt: skip
+    out.append(f"{a.method} with per-channel weights: {100 * (a.chosen_top1 - a.fp32_top1):+.1f} pt; most sensitive: "
+               f"{', '.join(f'{n} ({0.0 - a.row(n).chosen.drop:+.1f} pt)' for n in a.most_sensitive('chosen'))}")  # fmt: skip
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The table and the plot
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "-" if r is None else f"{r:.0f}x" if r >= 100 else f"{r:.1f}x"
+
+
+def _fmt_db(v: float) -> str:
+    return "inf" if v == math.inf else f"{v:.1f}"
+
+
+def _fmt_num(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def table(a: Analysis) -> str:
+    """One aligned row per quantizer."""
+    head = (f"{'layer':<9} {'ch':>4} {'ch ratio':>8} {'kurt':>6} {'outl%':>6} {'wSQNR pt':>8} {'pc':>5}  "
+            f"{'act max':>8} {'p99.99':>8} {'max/p':>6} {'clip':>8}  {'naive dpt':>9} {'dpt':>6} {'lSQNR':>6}")  # fmt: skip
+    lines = [head]
+    for r in a.layers:
+        w, x = r.weight, r.activation
+        wcols = " " * 42  # pool has no weight
+        if w:
+            wcols = (f"{w.channels:>4} {_fmt_ratio(w.channel_ratio):>8} {w.kurtosis:>6.1f} {100 * w.outlier_share:>6.2f} "
+                     f"{_fmt_db(w.sqnr_per_tensor):>8} {_fmt_db(w.sqnr_per_channel):>5}")  # fmt: skip
+        amax = max(-x.min, x.max)
+        clip = "-" if x.clip is None else _fmt_num(max(-x.clip[0], x.clip[1]))
+        tail = "-" if x.tail_ratio is None else f"{x.tail_ratio:.1f}"
+        lines.append(f"{r.name:<9} {wcols}  {_fmt_num(amax):>8} {_fmt_num(x.p99_99):>8} {tail:>6} {clip:>8}  "
+                     f"{r.naive.drop:>9.1f} {r.chosen.drop:>6.1f} {_fmt_db(r.chosen.logit_sqnr):>6}")  # fmt: skip
+    return "\n".join(lines)
+
+
+TABLE_LEGEND = ("ch ratio: largest/smallest channel max|w|; kurt: excess kurtosis; outl%: weights beyond 3 sigma; "
+                "wSQNR pt/pc: weight SQNR (dB, mean over channels) per-tensor/per-channel;\nact max, p99.99: of |x| at the layer's input; "
+                "clip: chosen range; naive dpt / dpt: top-1 drop (pt) with only this layer quantized, naive / chosen; "
+                "lSQNR: logit SQNR (dB), chosen")  # fmt: skip
+
+
+def summary(a: Analysis) -> str:
+    lines = [
+        f"FP32 top-1 {100 * a.fp32_top1:.2f}%  |  naive INT8 {100 * a.naive_top1:.2f}% ({100 * (a.naive_top1 - a.fp32_top1):+.2f} pt)"
+        f"  |  {a.method} INT8 {100 * a.chosen_top1:.2f}% ({100 * (a.chosen_top1 - a.fp32_top1):+.2f} pt)"
+        f"  on {a.evaluation['images']} images ({a.constraints}, integer emulation)",
+        f"most sensitive, naive: {', '.join(a.most_sensitive('naive'))};  {a.method}: {', '.join(a.most_sensitive('chosen'))}",
+    ]  # fmt: skip
+    return "\n".join(lines + [f"- {f}" for f in a.findings])
+
+
+def plot(a: Analysis, path: str | Path) -> Path:
+    """A four-panel PNG: channel range ratio, weight SQNR per-tensor vs per-channel, activation
+    max vs p99.99 (and the chosen clip), sensitivity naive vs chosen; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend
+
+    names = [r.name.replace("convs.", "") for r in a.layers]
+    x = np.arange(len(names))
+    fig = Figure(figsize=(max(10.0, 0.45 * len(names) + 4), 9), layout="constrained")
+    (ax1, ax2), (ax3, ax4) = fig.subplots(2, 2, sharex=True)
+
+    def val(v):
+        return np.nan if v is None or not math.isfinite(v) else v
+
+    ratio = [val(r.weight.channel_ratio) if r.weight else np.nan for r in a.layers]
+    ax1.bar(x, ratio, color="tab:purple")
+    ax1.set_yscale("log")
+    ax1.set_ylabel("max / min channel max|w|")
+    ax1.set_title("weight channel range ratio")
+    w = 0.4
+    ax2.bar(x - w / 2, [val(r.weight.sqnr_per_tensor) if r.weight else np.nan for r in a.layers], w, label="per-tensor (naive)")
+    ax2.bar(x + w / 2, [val(r.weight.sqnr_per_channel) if r.weight else np.nan for r in a.layers], w, label="per-channel")
+    ax2.set_ylabel("dB")
+    ax2.set_title("weight quantization SQNR")
+    ax2.legend(fontsize=8)
+    ax3.plot(x, [max(-r.activation.min, r.activation.max) for r in a.layers], "o-", label="max|x|")
+    ax3.plot(x, [r.activation.p99_99 for r in a.layers], "s-", label="p99.99")
+    ax3.plot(x, [max(-r.activation.clip[0], r.activation.clip[1]) if r.activation.clip else np.nan for r in a.layers],
+             "^--", label=f"{a.method} clip")  # fmt: skip
+    ax3.set_yscale("log")
+    ax3.set_title("activation range at each quantizer's input")
+    ax3.legend(fontsize=8)
+    ax4.bar(x - w / 2, [r.naive.drop for r in a.layers], w, label="naive", color="tab:red")
+    ax4.bar(x + w / 2, [r.chosen.drop for r in a.layers], w, label=a.method, color="tab:green")
+    ax4.set_ylabel("top-1 drop (pt)")
+    ax4.set_title("sensitivity: only this layer quantized")
+    ax4.axhline(0, color="black", lw=0.5)
+    ax5 = ax4.twinx()  # drops on a small eval set are coarse; the logit SQNR is not
+    ax5.plot(x, [val(r.naive.logit_sqnr) for r in a.layers], "v:", color="tab:red", label="naive logit SQNR")
+    ax5.plot(x, [val(r.chosen.logit_sqnr) for r in a.layers], "^:", color="tab:green", label=f"{a.method} logit SQNR")
+    ax5.set_ylabel("logit SQNR (dB)")
+    handles = ax4.get_legend_handles_labels()[0] + ax5.get_legend_handles_labels()[0]
+    ax4.legend(handles, [h.get_label() for h in handles], fontsize=8)
+    for ax in (ax3, ax4):
+        ax.set_xticks(x, names, rotation=90, fontsize=7)
+        ax.set_xlabel("layer (conv index, pool, head)")
+    fig.suptitle(f"{a.model} / {a.constraints}: FP32 {100 * a.fp32_top1:.1f}%, naive INT8 {100 * a.naive_top1:.1f}%, "
+                 f"{a.method} INT8 {100 * a.chosen_top1:.1f}% top-1 ({a.evaluation['images']} images)")  # fmt: skip
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return path
+
+
+def write(a: Analysis, out_dir: str | Path) -> tuple[Path, Path]:
+    """``out_dir/analysis.json`` and ``out_dir/analysis.png``, each written atomically (the folder
+    is created; a path that is not a folder is a one-line ``UserError``)."""
+    out_dir = output_dir(out_dir, "analysis.json and analysis.png")
+    return write_text_atomic(out_dir / "analysis.json", a.to_json() + "\n"), plot(a, out_dir / "analysis.png")
+
+
+__all__ = ["TABLE_LEGEND", "findings", "plot", "summary", "table", "write"]
