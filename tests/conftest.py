@@ -56,6 +56,20 @@ def fmnist_ckpt(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def plain():
+    """A tiny fused A0 (1x16x16 input, 5 classes, randomized BN), one copy per test module."""
+    from quant_helpers import tiny_plain  # imported here: quant_helpers imports this module
+
+    return tiny_plain(seed=0, size=16, classes=5).eval()
+
+
+@pytest.fixture(scope="module")
+def x(plain) -> torch.Tensor:
+    """16 normalized images for ``plain`` (torch; ``x.numpy()`` for a runner)."""
+    return plain.example_input(16).detach()
+
+
 @pytest.fixture
 def cli(capsys):
     """Run the CLI in-process: ``code, stdout, stderr = cli("fuse", ...)``."""

@@ -1,4 +1,5 @@
-"""Small synthetic data for tests: Fashion-MNIST-shaped IDX files with learnable classes."""
+"""Small synthetic data for tests: Fashion-MNIST-shaped IDX files with learnable classes, and
+random normalized batches for a model's input spec."""
 
 from __future__ import annotations
 
@@ -39,3 +40,10 @@ def write_fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 64) -
         write_idx(root / f"{prefix}-images-idx3-ubyte", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
     return root
+
+
+def random_batch(plain, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` standard-normal NCHW float32 images shaped for ``plain``'s input spec (what a
+    runner takes: numpy, already normalized)."""
+    s = plain.input_spec
+    return np.random.default_rng(seed).standard_normal((n, s.channels, s.size, s.size)).astype(np.float32)
