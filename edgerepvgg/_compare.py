@@ -2,7 +2,8 @@
 same images, and gather one row per deployment (plus PyTorch reference rows) with gates.
 
 Each profile's export lands in ``out_dir/<profile name>/`` with its own ``report.json``; the rows
-here are what a person reads to decide where to deploy.
+here are what a person reads to decide where to deploy. A gate that cannot be evaluated (no
+labels for a top-1 gate, no latency measured for a latency gate) is "not checked", never passed.
 """
 
 from __future__ import annotations
@@ -15,15 +16,18 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from edgerepvgg._export import (
+    NO_LABELS, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
+    quant_spec_for, references, resolve_model, score,
+)  # fmt: skip
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import measure_latency, predict
-from edgerepvgg._export import ExportReport, References, export, references, score
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.profiles import Profile
-from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
+from edgerepvgg.profiles import Profile, resolve, shipped_profiles
+from edgerepvgg.quant.calibrate import CalibrationConfig
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.quant.spec import QuantSpec, constraints_for
+from edgerepvgg.quant.spec import QuantSpec, constraints_for, load_spec, require_spec_for
 from edgerepvgg.targets import cannot_export, get_target
 
 log = logging.getLogger(__name__)
@@ -31,8 +35,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the comparison. ``status``: ok, gate failed, emulated, accuracy only, skipped,
-    error, or reference (the PyTorch rows); ``why`` says what lies behind a status that is not ok."""
+    """One line of the comparison. ``status``: ok, gate failed, not checked, emulated, accuracy
+    only, skipped, error, or reference (the PyTorch rows); ``why`` says what lies behind a status
+    that is not ok."""
 
     name: str
     backend: str
@@ -51,10 +56,17 @@ class Row:
     throughput_batch: int | None = None
     size_mb: float | None = None
     gates_failed: tuple[str, ...] = ()
+    gates_unchecked: tuple[str, ...] = ()
+
+    @classmethod
+    def skipped(cls, profile: Profile, status: str, why: str) -> "Row":
+        """A row for a profile that produced no figures (``skipped`` or ``error``)."""
+        return cls(profile.name, profile.backend, profile.device, profile.precision, status, why)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["gates_failed"] = list(self.gates_failed)
+        d["gates_unchecked"] = list(self.gates_unchecked)
         return d
 
 
@@ -64,25 +76,43 @@ class Comparison:
     eval_source: str
     eval_images: int
     model: str
+    labelled: bool = True
+    strict: bool = False
+
+    @property
+    def errors(self) -> list[Row]:
+        return [r for r in self.rows if r.status == "error"]
 
     @property
     def failed(self) -> bool:
-        """True when any gate failed (the CLI then exits non-zero)."""
-        return any(r.gates_failed for r in self.rows)
+        """True when a gate failed, a target errored, or (``strict``) a gate could not be checked:
+        the CLI then exits 1."""
+        unchecked = self.strict and any(r.gates_unchecked for r in self.rows)
+        return bool(self.errors) or unchecked or any(r.gates_failed for r in self.rows)
 
 
-def check_gates(profile: Profile, report: ExportReport) -> list[str]:
-    """The gates of ``profile`` that ``report`` fails, each as a short sentence."""
-    g, acc, failed = profile.gates, report.accuracy, []
-    if acc is not None and g.max_delta_top1 is not None and -acc.delta_top1 > g.max_delta_top1:
-        failed.append(f"top-1 {acc.delta_top1:+.2f} pt vs FP32 (gate: at most {g.max_delta_top1:g} pt below)")
-    if acc is not None and acc.vs_emulation is not None and g.min_agreement_emulation is not None \
-            and acc.vs_emulation.top1 < g.min_agreement_emulation:  # fmt: skip
-        failed.append(f"agreement with the emulation {100 * acc.vs_emulation.top1:.2f}% (gate: at least {100 * g.min_agreement_emulation:g}%)")
-    lat = report.latency.get("batch1")
-    if lat is not None and g.max_latency_ms is not None and lat.p50_ms > g.max_latency_ms:
-        failed.append(f"batch-1 latency {lat.p50_ms:.2f} ms (gate: at most {g.max_latency_ms:g} ms)")
-    return failed
+def check_gates(profile: Profile, report: ExportReport) -> tuple[list[str], list[str]]:
+    """The gates of ``profile`` that ``report`` fails, and those it could not evaluate, each as a
+    short sentence."""
+    g, acc, lat = profile.gates, report.accuracy, report.latency.get("batch1")
+    failed: list[str] = []
+    unchecked: list[str] = []
+    if g.max_delta_top1 is not None:
+        if acc is None or acc.delta_top1 is None:
+            unchecked.append(f"top-1 drop at most {g.max_delta_top1:g} pt: not checked ({'no labels' if acc else 'no evaluation'})")
+        elif -acc.delta_top1 > g.max_delta_top1:
+            failed.append(f"top-1 {acc.delta_top1:+.2f} pt vs FP32 (gate: at most {g.max_delta_top1:g} pt below)")
+    if g.min_agreement_emulation is not None and report.precision == "int8":
+        if acc is None or acc.vs_emulation is None:
+            unchecked.append(f"agreement with the emulation at least {100 * g.min_agreement_emulation:g}%: not checked (no evaluation)")
+        elif acc.vs_emulation.top1 < g.min_agreement_emulation:
+            failed.append(f"agreement with the emulation {100 * acc.vs_emulation.top1:.2f}% (gate: at least {100 * g.min_agreement_emulation:g}%)")
+    if g.max_latency_ms is not None:
+        if lat is None:
+            unchecked.append(f"batch-1 latency at most {g.max_latency_ms:g} ms: not checked (no latency measured here)")
+        elif lat.p50_ms > g.max_latency_ms:
+            failed.append(f"batch-1 latency {lat.p50_ms:.2f} ms (gate: at most {g.max_latency_ms:g} ms)")
+    return failed, unchecked
 
 
 def _int8_convs(report: ExportReport, spec: QuantSpec | None, n_convs: int) -> str:
@@ -99,9 +129,10 @@ def _int8_convs(report: ExportReport, spec: QuantSpec | None, n_convs: int) -> s
 
 def _row(profile: Profile, report: ExportReport, spec: QuantSpec | None, n_convs: int, extra_why: str = "") -> Row:
     acc, lat = report.accuracy, report.latency
-    failed = check_gates(profile, report)
-    status = "gate failed" if failed else "emulated" if report.emulated else "accuracy only" if extra_why else "ok"
-    why = "; ".join([*failed, *report.notes, *([extra_why] if extra_why else [])])
+    failed, unchecked = check_gates(profile, report)
+    status = ("gate failed" if failed else "not checked" if unchecked else "emulated" if report.emulated
+              else "accuracy only" if extra_why else "ok")  # fmt: skip
+    why = "; ".join([*failed, *unchecked, *report.notes, *([extra_why] if extra_why else [])])
     tput = next((v for k, v in lat.items() if k != "batch1"), None)
     return Row(
         profile.name, profile.backend, profile.device, profile.precision, status, why,
@@ -111,7 +142,7 @@ def _row(profile: Profile, report: ExportReport, spec: QuantSpec | None, n_convs
         int8_convs=_int8_convs(report, spec, n_convs),
         p50_ms=lat["batch1"].p50_ms if "batch1" in lat else None, p90_ms=lat["batch1"].p90_ms if "batch1" in lat else None,
         throughput_ips=tput.throughput if tput else None, throughput_batch=tput.batch if tput else None,
-        size_mb=report.artifact.get("size_bytes", 0) / 1e6, gates_failed=tuple(failed),
+        size_mb=report.artifact.get("size_bytes", 0) / 1e6, gates_failed=tuple(failed), gates_unchecked=tuple(unchecked),
     )  # fmt: skip
 
 
@@ -130,19 +161,65 @@ def _torch_row(name: str, device: str, precision: str, fn, plain: PlainNet, refs
                acc.vs_emulation.top1 if acc.vs_emulation else None, "", p50, p90, tput, batch if latency else None)  # fmt: skip
 
 
+def _skip_reason(profile: Profile, plain: PlainNet) -> str:
+    """Why ``profile`` cannot run for ``plain`` here, or ''."""
+    target = get_target(profile.backend)
+    if profile.precision not in target.precisions:
+        return f"{target.name} builds {', '.join(target.precisions)}, not {profile.precision}"
+    if (blocked := cannot_export(target)) is not None:
+        return blocked
+    size = plain.input_spec.size
+    if profile.input_size is not None and profile.input_size != size:
+        return f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {size}x{size}"
+    return ""
+
+
 def compare(
-    plain: PlainNet,
-    profiles: list[Profile],
-    out_dir: str | Path,
-    calibration: TensorDataset | None,
-    eval_set: TensorDataset,
+    model: PlainNet | str | Path | None,
+    profiles: list[Profile | str] | None = None,
+    out_dir: str | Path = "compare",
+    images: Images = None,
+    eval_set: Images = None,
+    *,
     train_model: torch.nn.Module | None = None,
-    method: CalibrationConfig | str = "mse",
+    calibration: CalibrationConfig | str | None = None,
+    spec: QuantSpec | str | Path | None = None,
+    weight_bits: int | None = None,
     threads: int | None = None,
+    eval_limit: int | None = None,
+    strict: bool = False,
+    cache: bool | None = None,
     progress: bool = True,
 ) -> Comparison:
-    """Run every profile on ``plain`` and return the rows; INT8 profiles share one calibration
-    per constraint set (statistics are collected once)."""
+    """Run every profile on ``model`` and return the rows.
+
+    ``profiles``: Profile objects or names (backends, ``all``, shipped profiles, ``.toml`` files);
+    default: every shipped profile. INT8 profiles share one calibration per integer scheme on
+    ``images``, or use ``spec`` (e.g. a QAT result) where its scheme is the profile's; profiles of
+    another scheme are then skipped, saying so. ``eval_set`` as in :func:`export`: labelled images
+    by default, else agreement only on the calibration images. ``strict``: a gate that cannot be
+    checked fails."""
+    names = [p for p in (profiles or []) if not isinstance(p, Profile)]
+    chosen = [p for p in (profiles or []) if isinstance(p, Profile)]
+    if names:
+        chosen += resolve([str(n) for n in names])
+    if profiles is None:
+        chosen = resolve([str(p) for p in shipped_profiles()])
+    if not chosen:
+        raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
+    plain, loaded_train_model = resolve_model(model)
+    train_model = train_model if train_model is not None else loaded_train_model
+    if spec is not None:
+        spec = spec if isinstance(spec, QuantSpec) else load_spec(spec)
+        require_spec_for(plain, spec)
+        if images is not None:
+            raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
+    int8 = any(p.precision == "int8" for p in chosen)
+    calib = calibration_set(plain, images) if images is not None or (int8 and spec is None) else None
+    data = default_evaluation(plain, eval_set, calib, eval_limit)
+    if data is None:
+        raise UserError("nothing to evaluate on: this model has no default test set; pass --eval-images DIR (labelled) "
+                        "or --images DIR (agreement only)")  # fmt: skip
     out_dir = Path(out_dir)
     n_convs = len(plain.convs)
     specs: dict[str, QuantSpec] = {}
@@ -151,64 +228,68 @@ def compare(
     torch_threads = threads or torch.get_num_threads()
 
     def spec_for(profile: Profile, target) -> QuantSpec:
-        c = constraints_for(profile.constraints or target.constraint_set, weight_bits=profile.weight_bits)
+        c = constraints_for(profile.constraints or target.constraint_set, weight_bits=weight_bits or profile.weight_bits)
+        if spec is not None:
+            if spec.constraints.name != c.name:
+                raise _Skip(f"the given QuantSpec is for the {spec.constraints.name} scheme, this profile needs {c.name}; "
+                            "compare it on profiles of that scheme, or calibrate")  # fmt: skip
+            return spec
         if c.name not in specs:
-            if calibration is None:
-                raise UserError("INT8 profiles need calibration images; pass --images DIR")
-            specs[c.name] = calibrate(plain, calibration, c, method, progress=False)
+            specs[c.name], _ = quant_spec_for(plain, c, None, calib, calibration, cache=cache)
         return specs[c.name]
 
-    def refs_for(spec: QuantSpec | None) -> References:
+    def refs_for(q: QuantSpec | None) -> References:
         """One FP32 pass over the evaluation set, one emulation pass per spec."""
-        key = spec.sha256 if spec is not None else None
+        key = q.sha256 if q is not None else None
         if key not in refs_by_spec:
             fp32 = refs_by_spec[None].fp32 if key is not None else None
-            refs_by_spec[key] = references(plain, spec, eval_set, fp32=fp32)
+            refs_by_spec[key] = references(plain, q, data, fp32=fp32)
         return refs_by_spec[key]
 
     fp32_refs = refs_for(None)  # first, so that every spec's references reuse its FP32 logits
-    bar = tqdm(profiles, desc="compare", unit="target", disable=not progress)
+    bar = tqdm(chosen, desc="compare", unit="target", disable=not progress)
     for profile in bar:
         bar.set_postfix_str(profile.name)
         try:
-            target = get_target(profile.backend)
+            why = _skip_reason(profile, plain)
         except UserError as exc:
-            rows.append(Row(profile.name, profile.backend, profile.device, profile.precision, "skipped", str(exc)))
-            continue
-        if profile.precision not in target.precisions:
-            why = f"{target.name} builds {', '.join(target.precisions)}, not {profile.precision}"
-        elif (blocked := cannot_export(target)) is not None:
-            why = blocked
-        elif profile.input_size is not None and profile.input_size != plain.input_spec.size:
-            why = f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {plain.input_spec.size}x{plain.input_spec.size}"
-        else:
-            why = ""
+            why = str(exc)
         if why:
-            rows.append(Row(profile.name, profile.backend, profile.device, profile.precision, "skipped", why))
+            rows.append(Row.skipped(profile, "skipped", why))
             continue
+        target = get_target(profile.backend)
         here = profile.runs_on_this_arch()
         arch_why = "" if here else f"latency not measured: the profile is for {profile.arch}, this machine is {platform.machine()}"
+        options = ExportOptions(threads=profile.threads or threads, latency=here, throughput_batch=profile.batch)
         try:
-            spec = spec_for(profile, target) if profile.precision == "int8" else None
-            report = export(plain, target, out_dir / profile.name, profile.precision, spec, eval_set, refs_for(spec),
-                            threads=profile.threads or threads, latency=here, throughput_batch=profile.batch)  # fmt: skip
-        except UserError as exc:
-            rows.append(Row(profile.name, profile.backend, profile.device, profile.precision, "error", str(exc)))
+            q = spec_for(profile, target) if profile.precision == "int8" else None
+            report = export(plain, target, out_dir / profile.name, profile.precision, q, data, refs=refs_for(q), options=options)
+        except _Skip as exc:
+            rows.append(Row.skipped(profile, "skipped", str(exc)))
             continue
-        rows.append(_row(profile, report, spec, n_convs, arch_why))
+        except UserError as exc:
+            rows.append(Row.skipped(profile, "error", str(exc)))
+            continue
+        rows.append(_row(profile, report, q, n_convs, arch_why))
 
     # PyTorch reference rows: the train-time model, the fused PlainNet, and each INT8 emulation.
     torch.set_num_threads(torch_threads)
     ref_rows = []
     if train_model is not None:
         train_model = train_model.eval()
-        logits = predict(train_model, eval_set)
+        logits = predict(train_model, data)
         ref_rows.append(_torch_row("pytorch-train-time", "this CPU (PyTorch)", "fp32", train_model, plain, fp32_refs, logits,
                                    16, True, "the multi-branch model before fusion"))  # fmt: skip
     ref_rows.append(_torch_row("pytorch-fused", "this CPU (PyTorch)", "fp32", plain, plain, fp32_refs, fp32_refs.fp32,
                                16, True, "the plain 3x3 network every target is compiled from"))  # fmt: skip
-    for name, spec in specs.items():
-        r = refs_for(spec)
-        ref_rows.append(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, spec), plain, r,
+    used = dict(specs) if spec is None else {spec.constraints.name: spec}
+    for name, q in used.items():
+        r = refs_for(q)
+        ref_rows.append(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, q), plain, r,
                                    r.emulation, 16, False, "the referee: what every INT8 target should compute"))  # fmt: skip
-    return Comparison(tuple(ref_rows + rows), eval_set.source, len(eval_set), plain.name)
+    source = data.source + ("" if data.labelled else f" ({NO_LABELS})")
+    return Comparison(tuple(ref_rows + rows), source, len(data), plain.name, data.labelled, strict)
+
+
+class _Skip(Exception):
+    """A profile that does not apply (its reason becomes the row's ``why``)."""

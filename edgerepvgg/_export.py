@@ -1,30 +1,37 @@
 """Export one PlainNet to one target and check it: compile, evaluate, time, report.
 
-The accuracy check is defined once (DESIGN.md): on a labelled evaluation set, top-1 (and top-5
-with at least 5 classes), the change in top-1 against the FP32 PyTorch model, and agreement
-(top-1, cosine, SQNR) against the FP32 model and against the PyTorch INT8 emulation of the same
-QuantSpec. The emulation comparison separates "quantization costs accuracy" from "this target
-computes something else". ``compare`` runs the same steps for many targets.
+The accuracy check is defined once: on a labelled evaluation set, top-1 (and top-5 with at least
+5 classes), the change in top-1 against the FP32 PyTorch model, and agreement (top-1, cosine,
+SQNR) against the FP32 model and against the PyTorch INT8 emulation of the same QuantSpec. The
+emulation comparison separates "quantization costs accuracy" from "this target computes something
+else", and needs no labels: without a labelled set, the agreements are checked on the calibration
+images ("no labels: agreement only"). ``compare`` runs the same steps for many targets.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+import os
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from edgerepvgg.data import TensorDataset
+from edgerepvgg._fuse import fuse
+from edgerepvgg.checkpoints import load_model
+from edgerepvgg.data import TensorDataset, calibration_images, evaluation_set
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, predict, topk_accuracy
-from edgerepvgg.io import write_text_atomic
+from edgerepvgg.inputs import is_fashion_mnist_spec
+from edgerepvgg.io import output_dir, write_text_atomic
 from edgerepvgg.machine import machine_info
 from edgerepvgg.plain import PlainNet
+from edgerepvgg.profiles import PRECISIONS, Profile, lookup
+from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.quant.spec import QuantSpec, require_spec_for
+from edgerepvgg.quant.spec import Constraints, QuantSpec, constraints_for, load_spec, require_spec_for
 from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compile_with_batch, get_target, require_exportable
 
 log = logging.getLogger(__name__)
@@ -32,73 +39,216 @@ log = logging.getLogger(__name__)
 REPORT_FILE = "report.json"
 
 
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "report.json"
+NO_LABELS = "no labels: agreement only"
+
+Images = TensorDataset | str | Path | None
+
+
+# ---------------------------------------------------------------------------------------------
+# What to build: the target, its options, the model and the QuantSpec
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """How an artifact is built, checked and timed: one place for every knob (after torchao's
+    configs). ``constraints``/``weight_bits`` override the target's integer scheme; a device
+    profile fills what is not set (:meth:`with_profile`)."""
+
+    threads: int | None = None
+    latency: bool = True
+    throughput_batch: int = 16
+    runs: int = 50
+    fixed_batch: int | None = None
+    constraints: str | None = None
+    weight_bits: int | None = None
+    eval_limit: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
+            value = getattr(self, name)
+            if value is None and name not in ("throughput_batch", "runs"):
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UserError(f"{name.replace('_', '-')} must be a whole number of at least 1, got {value!r}")
+
+    def with_profile(self, profile: Profile) -> "ExportOptions":
+        """These options with ``profile``'s threads, scheme and weight bits where none were given,
+        and its throughput batch."""
+        return replace(self, threads=self.threads or profile.threads, throughput_batch=profile.batch,
+                       constraints=self.constraints or profile.constraints,
+                       weight_bits=self.weight_bits or profile.weight_bits)  # fmt: skip
+
+
+def resolve_target(target: str | Path | Target | Profile) -> tuple[Target, Profile | None]:
+    """A target and the device profile it came from: a backend name, a profile (object, ``.toml``
+    file or shipped profile name), or a Target object."""
+    from edgerepvgg.profiles import shipped_profiles
+    from edgerepvgg.targets import target_names
+
+    if isinstance(target, Profile):
+        return get_target(target.backend), target
+    if not isinstance(target, (str, Path)):
+        return target, None
+    if str(target) in target_names():
+        return get_target(str(target)), None
+    profile = lookup(target)
+    if profile is None:
+        raise UserError(f"unknown target or profile {str(target)!r}; pass a backend ({', '.join(target_names())}), "
+                        f"a shipped profile ({', '.join(p.stem for p in shipped_profiles())}) or a .toml file")  # fmt: skip
+    return get_target(profile.backend), profile
+
+
+def resolve_model(model: PlainNet | str | Path | None, **variant) -> tuple[PlainNet, torch.nn.Module | None]:
+    """The PlainNet to compile and, when ``model`` was a train-time checkpoint, the multi-branch
+    model it was fused from: ``model`` is a PlainNet, or anything :func:`load_model` takes (a
+    checkpoint, a bundled model name, ``None`` for the default one, a variant name, built with
+    ``variant``'s num_classes/in_chans/block)."""
+    if isinstance(model, PlainNet):
+        return model.eval(), None
+    net, meta = load_model(model, **variant)
+    plain, _ = fuse(net, meta.input_spec)
+    return plain, None if meta.fused else net
+
+
+def calibration_set(plain: PlainNet, images: Images) -> TensorDataset:
+    """Calibration images for ``plain``: a data set, a folder (preprocessed with the model's input
+    spec), or ``None`` for the bundled images, which only Fashion-MNIST models may use."""
+    if isinstance(images, TensorDataset):
+        return images
+    return calibration_images(plain.input_spec, images)
+
+
+def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantSpec | str | Path | None = None, images: Images = None,
+                   calibration: CalibrationConfig | str | None = None, weight_bits: int | None = None,
+                   cache: bool | None = None, progress: bool = False) -> tuple[QuantSpec, str]:  # fmt: skip
+    """The QuantSpec an INT8 build uses and where it came from: ``spec`` (an object or a JSON
+    file, checked against the model), or a calibration on ``images`` for the ``constraints``
+    scheme (a Constraints, or a name whose weight width ``weight_bits`` overrides)."""
+    if spec is not None:
+        if images is not None:
+            raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
+        origin = "the given QuantSpec" if isinstance(spec, QuantSpec) else f"QuantSpec {spec}"
+        spec = spec if isinstance(spec, QuantSpec) else load_spec(spec)
+        require_spec_for(plain, spec)
+        return spec, origin
+    data = calibration_set(plain, images)
+    scheme = constraints if isinstance(constraints, Constraints) else constraints_for(constraints, weight_bits=weight_bits)
+    config = CalibrationConfig.of(calibration or CalibrationConfig())
+    spec = calibrate(plain, data, scheme, config, progress=progress, cache=False if cache is False else None)
+    skipped = f", {len(data.skipped)} unreadable files skipped" if data.skipped else ""
+    return spec, f"calibrated for {scheme.name} on {len(data)} images of {data.source} ({config.method}{skipped})"
+
+
+def default_evaluation(plain: PlainNet, eval_set: Images | bool, fallback: TensorDataset | None = None,
+                       limit: int | None = None) -> TensorDataset | None:  # fmt: skip
+    """The images an artifact is checked on: ``eval_set`` (a data set or a labelled folder); by
+    default the Fashion-MNIST test set for Fashion-MNIST models, else ``fallback`` (the
+    calibration images: agreement with FP32 and the emulation needs no labels); ``False``: none."""
+    if eval_set is False:
+        return None
+    if isinstance(eval_set, TensorDataset):
+        return eval_set
+    if eval_set is not None or is_fashion_mnist_spec(plain.input_spec):
+        return evaluation_set(plain.input_spec, eval_set, limit)
+    return fallback
+
+
+# ---------------------------------------------------------------------------------------------
+# The accuracy check
+
+
 @dataclass(frozen=True)
 class References:
-    """Logits every target is compared with, computed once per model, spec and evaluation set."""
+    """Logits every target is compared with, computed once per model, spec and evaluation set.
+    ``labels`` is ``None`` for unlabelled images (agreement only)."""
 
-    labels: torch.Tensor
+    labels: torch.Tensor | None
     fp32: torch.Tensor
     emulation: torch.Tensor | None  # IntegerNet under the spec; None for float exports
     source: str
 
     @property
-    def fp32_top1(self) -> float:
-        return topk_accuracy(self.fp32, self.labels)
+    def fp32_top1(self) -> float | None:
+        return None if self.labels is None else topk_accuracy(self.fp32, self.labels)
 
 
 def references(plain: PlainNet, spec: QuantSpec | None, eval_set: TensorDataset, batch_size: int = 256,
                fp32: torch.Tensor | None = None) -> References:  # fmt: skip
     """FP32 PyTorch logits (``fp32`` if already computed on ``eval_set``) and, with a spec, the
     INT8 emulation's logits on ``eval_set``."""
-    if not eval_set.labelled:
-        raise UserError(f"the evaluation set {eval_set.source} has no labels; pass a labelled image folder (one subfolder per class)")
+    if len(eval_set) == 0:
+        raise UserError(f"the evaluation set {eval_set.source} is empty; pass a folder with images")
     plain = plain.eval()
     fp32 = predict(plain, eval_set, batch_size) if fp32 is None else fp32
     emu = predict(IntegerNet(plain, spec), eval_set, batch_size) if spec is not None else None
-    return References(eval_set.labels, fp32, emu, eval_set.source)
+    return References(eval_set.labels if eval_set.labelled else None, fp32, emu, eval_set.source)
 
 
 @dataclass(frozen=True)
 class Accuracy:
-    """One target's accuracy on the evaluation set, and how it follows FP32 and the emulation."""
+    """One target's accuracy on the evaluation set, and how it follows FP32 and the emulation.
+    Without labels, ``top1``/``top5``/``fp32_top1`` are ``None`` and only the agreements count."""
 
     images: int
     source: str
-    top1: float
+    top1: float | None
     top5: float | None
-    fp32_top1: float
+    fp32_top1: float | None
     vs_fp32: Agreement
     vs_emulation: Agreement | None
 
     @property
-    def delta_top1(self) -> float:
-        """Top-1 minus FP32 top-1, in points."""
-        return 100 * (self.top1 - self.fp32_top1)
+    def labelled(self) -> bool:
+        return self.top1 is not None
+
+    @property
+    def delta_top1(self) -> float | None:
+        """Top-1 minus FP32 top-1, in points (``None`` without labels)."""
+        return None if self.top1 is None or self.fp32_top1 is None else 100 * (self.top1 - self.fp32_top1)
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["vs_fp32"] = self.vs_fp32.to_dict()
         d["vs_emulation"] = self.vs_emulation.to_dict() if self.vs_emulation else None
         d["delta_top1_pts"] = self.delta_top1
+        d["labelled"] = self.labelled
         return d
 
 
 def score(logits: torch.Tensor, refs: References) -> Accuracy:
-    """Score one target's logits against the labels and the reference logits."""
-    k = logits.shape[1]
+    """Score one target's logits against the labels (if any) and the reference logits."""
+    labels = refs.labels
+    top5 = labels is not None and logits.shape[1] >= 5
     return Accuracy(
         images=int(logits.shape[0]), source=refs.source,
-        top1=topk_accuracy(logits, refs.labels), top5=topk_accuracy(logits, refs.labels, 5) if k >= 5 else None,
+        top1=None if labels is None else topk_accuracy(logits, labels),
+        top5=topk_accuracy(logits, labels, 5) if top5 else None,
         fp32_top1=refs.fp32_top1, vs_fp32=agreement(logits, refs.fp32),
         vs_emulation=agreement(logits, refs.emulation) if refs.emulation is not None else None,
     )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The report
+
+
+def _relative(path: str | Path, root: Path) -> str:
+    """``path`` relative to ``root`` (the report's folder) where it lies inside it or beside it."""
+    try:
+        return os.path.relpath(Path(path).resolve(), root.resolve())
+    except ValueError:  # another drive (Windows)
+        return str(path)
 
 
 @dataclass(frozen=True)
 class ExportReport:
     """What ``export`` did and measured. ``emulated`` is True when no engine of the target ran
     here (TensorRT without a GPU): the accuracy is then the Q/DQ graph in ONNX Runtime under the
-    target's constraint set, and there is no latency."""
+    target's constraint set, and there is no latency. Paths in ``artifact`` are relative to
+    ``out_dir``, where ``report.json`` lies, so a report stays true when its folder moves."""
 
     target: str
     precision: str
@@ -108,10 +258,16 @@ class ExportReport:
     emulated: bool = False
     quant: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
+    out_dir: Path = Path(".")
 
     @property
     def status(self) -> str:
         return "emulated" if self.emulated else "ok"
+
+    @property
+    def artifact_path(self) -> Path:
+        """The artifact's file (absolute, or relative to the working directory)."""
+        return self.out_dir / self.artifact["path"]
 
     def to_dict(self) -> dict:
         return {"target": self.target, "precision": self.precision, "status": self.status, "emulated": self.emulated,
@@ -140,56 +296,88 @@ def time_runner(runner: Runner, plain: PlainNet, eval_set: TensorDataset | None,
     return out
 
 
+# ---------------------------------------------------------------------------------------------
+# The verb
+
+
 def export(
-    plain: PlainNet,
-    target: str | Target,
-    out_dir: str | Path,
-    precision: str = "int8",
-    spec: QuantSpec | None = None,
-    eval_set: TensorDataset | None = None,
+    model: PlainNet | str | Path | None,
+    target: str | Path | Target | Profile,
+    out_dir: str | Path | None = None,
+    precision: str | None = None,
+    spec: QuantSpec | str | Path | None = None,
+    eval_set: Images | bool = None,
+    *,
+    images: Images = None,
+    calibration: CalibrationConfig | str | None = None,
+    options: ExportOptions | None = None,
     refs: References | None = None,
-    threads: int | None = None,
-    latency: bool = True,
-    throughput_batch: int = 16,
-    runs: int = 50,
-    fixed_batch: int | None = None,
+    cache: bool | None = None,
+    progress: bool = False,
 ) -> ExportReport:
-    """Compile ``plain`` (with ``spec`` for INT8) for ``target`` into ``out_dir``, check its
-    accuracy on ``eval_set`` (if given), time it, and write ``report.json`` beside the artifact.
-    ``fixed_batch`` fixes the artifact's batch dimension; it is then checked and timed at that batch."""
-    target = get_target(target) if isinstance(target, str) else target
-    require_exportable(target)
-    if precision == "int8" and spec is not None:
-        require_spec_for(plain, spec)  # before anything is written
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"{out_dir} exists and is not a folder; pass -o a folder for the artifact and report")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    artifact: Artifact = compile_with_batch(target, plain, spec if precision == "int8" else None, out_dir, precision, fixed_batch)
-    runner = target.load(artifact, threads)
-    if fixed_batch is not None:
-        runner = FixedBatchRunner(runner, fixed_batch)
+    """Compile ``model`` for ``target``, check it, time it, and write ``report.json`` beside the
+    artifact in ``out_dir`` (default ``export/<profile or target-precision>``).
+
+    ``model``: a PlainNet or a checkpoint/bundled/variant name. ``target``: a backend name or a
+    device profile, which sets precision, threads, batch and scheme unless given. ``precision``
+    defaults to the profile's, else ``int8`` when a ``spec`` is given, else ``fp32``. INT8 uses
+    ``spec`` or calibrates for the target's scheme on ``images``. ``eval_set``: labelled images
+    (a data set or a folder), ``False`` for no check; by default the model's own test set, or,
+    without one, agreement only on the calibration images.
+    """
+    target, profile = resolve_target(target)
+    options = options or ExportOptions()
+    if profile is not None:
+        options = options.with_profile(profile)
+    precision = precision or (profile.precision if profile else "int8" if spec is not None else "fp32")
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if spec is not None and images is not None:
+        raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
+    if spec is not None and precision != "int8":
+        raise UserError(f"a QuantSpec is for INT8 builds, this one is {precision}; drop the spec or build int8")
+    if precision not in target.precisions:
+        raise UserError(f"target {target.name!r} builds {', '.join(target.precisions)}, not {precision!r}")
+    require_exportable(target)  # before the model is loaded and calibrated
+    plain, _ = resolve_model(model)
+    images = calibration_set(plain, images) if images is not None else None  # read once: calibration and fallback
+    origin = ""
+    if precision == "int8":
+        spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
+                                      options.weight_bits, cache, progress)  # fmt: skip
+    out_dir = Path(out_dir or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
+    data = default_evaluation(plain, eval_set, images, options.eval_limit)
+    output_dir(out_dir, "the artifact and report")
+    artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
+    runner = target.load(artifact, options.threads)
+    if options.fixed_batch is not None:
+        runner = FixedBatchRunner(runner, options.fixed_batch)
     emulated = bool(getattr(runner, "emulated", False))
     notes = list(artifact.info.get("notes", ()))
     if emulated:
         notes.append(f"no {target.name} engine ran here ({target.available()}); accuracy is the Q/DQ graph in ONNX Runtime "
                      f"under the {target.constraint_set} constraint set (emulated), and there is no latency")  # fmt: skip
     accuracy = None
-    if eval_set is not None:
-        use_spec = spec if precision == "int8" else None
-        if refs is None:
-            refs = references(plain, use_spec, eval_set)
-        log.info("evaluating %s %s on %d images of %s", target.name, precision, len(eval_set), eval_set.source)
-        accuracy = score(predict(runner, eval_set), refs)
+    if data is None:
+        notes.append("accuracy not checked: no evaluation images (pass labelled --eval-images DIR, or --images DIR for agreement only)")
+    else:
+        refs = refs or references(plain, spec, data)
+        log.info("evaluating %s %s on %d images of %s", target.name, precision, len(data), data.source)
+        accuracy = score(predict(runner, data), refs)
+        if not accuracy.labelled:
+            notes.append(f"{NO_LABELS}: {data.source} has no labels, so top-1 is not measured; "
+                         "agreement with FP32 and with the INT8 emulation is")  # fmt: skip
     timings = {}
-    if latency and not emulated:
-        batches = (fixed_batch,) if fixed_batch is not None else (1, throughput_batch)
-        timings = time_runner(runner, plain, eval_set, batches, runs)
+    if options.latency and not emulated:
+        batches = (options.fixed_batch,) if options.fixed_batch is not None else (1, options.throughput_batch)
+        timings = time_runner(runner, plain, data, batches, options.runs)
     quant = {}
-    if precision == "int8" and spec is not None:
+    if spec is not None:
         quant = {"constraints": spec.constraints.name, "spec_sha256": spec.sha256, "calibration": spec.calibration,
-                 "float_layers": [layer.name for layer in spec.layers if layer.precision == "float"]}  # fmt: skip
-    report = ExportReport(target.name, precision, artifact.to_dict(), accuracy, timings, emulated, quant, tuple(notes))
+                 "origin": origin, "float_layers": [layer.name for layer in spec.layers if layer.precision == "float"]}  # fmt: skip
+    artifact_dict = artifact.to_dict()
+    artifact_dict["path"] = _relative(artifact_dict["path"], out_dir)
+    artifact_dict["files"] = [_relative(f, out_dir) for f in artifact_dict["files"]]
+    report = ExportReport(target.name, precision, artifact_dict, accuracy, timings, emulated, quant, tuple(notes), out_dir)
     write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
     return report
-

@@ -107,7 +107,8 @@ def resolve_checkpoint(ref: str | Path | None) -> Path:
         return path
     path = Path(ref)
     if not path.exists():
-        raise UserError(f"checkpoint {str(ref)!r} not found; pass a file path or one of: {', '.join(BUNDLED)}")
+        raise UserError(f"checkpoint {str(ref)!r} not found; pass a file path, a bundled model ({', '.join(BUNDLED)}) "
+                        f"or a variant name ({', '.join(VARIANTS)})")  # fmt: skip
     if path.is_dir():
         raise UserError(f"checkpoint {str(ref)!r} is a folder; pass the checkpoint file inside it")
     return path
@@ -298,6 +299,10 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
     for k, v in tensors.items():
         if v.shape != expected[k].shape:
             raise UserError(f"{path}: {k} has shape {tuple(v.shape)}, the model needs {tuple(expected[k].shape)}")
+    for k, v in tensors.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise UserError(f"{path}: {k} holds {bad} NaN or infinite value(s); the checkpoint is corrupt, re-export it from training")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False)
 
 
@@ -316,3 +321,46 @@ def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -
     model = meta.build()
     load_state(model, tensors, path)
     return model.eval(), meta
+
+
+def is_variant_name(ref: str | Path | None) -> bool:
+    """True when ``ref`` names a registered variant (``A0``, ``repvgg_b1g4``) rather than a
+    checkpoint: not a bundled model name and not an existing path."""
+    if ref is None or str(ref) in BUNDLED or Path(ref).exists():
+        return False
+    try:
+        resolve_variant(str(ref))
+    except UserError:
+        return False
+    return True
+
+
+def load_model(ref: str | Path | None = None, *, num_classes: int = 1000, in_chans: int = 3,
+               block: str = "repvgg") -> tuple[RepVGG, ModelMeta]:  # fmt: skip
+    """What every command takes as its model: a checkpoint file, a bundled model name (``None``:
+    the default bundled model), or a variant name, which builds that variant with random weights
+    (``num_classes``, ``in_chans``, ``block``) and says so in a warning: useful for sizes, speed
+    and graph checks, meaningless for accuracy."""
+    if not is_variant_name(ref):
+        return load_checkpoint(ref)
+    model = create_model(str(ref), num_classes=num_classes, in_chans=in_chans, block=block).eval()
+    log.warning("%s is a variant name, not a checkpoint: RepVGG-%s with random weights (%d classes); "
+                "accuracy figures mean nothing for it", ref, model.config.name, num_classes)  # fmt: skip
+    return model, meta_for(model, default_spec(in_chans), random_weights=True)
+
+
+def describe(model: RepVGG, meta: ModelMeta, size: int | None = None) -> dict:
+    """Name, parameters (train-time and fused), MACs at ``size`` (default: the input size) and
+    the per-layer table of ``model``: what ``edgerepvgg info`` prints."""
+    from edgerepvgg._fuse import to_plain
+    from edgerepvgg.plain import count_macs
+
+    plain = to_plain(model, meta.input_spec)
+    side = size or meta.input_spec.size
+    rows = count_macs(plain, side)
+    layers = [{"name": info.name, "in": info.in_channels, "out": info.out_channels, "stride": info.stride, "groups": info.groups,
+               "out_size": out, "macs": macs} for info, (_, out, macs) in zip(plain.layers(), rows)]  # fmt: skip
+    layers.append({"name": "head", "in": plain.head.in_features, "out": plain.head.out_features, "out_size": 1, "macs": rows[-1][2]})
+    return {"name": plain.name, "variant": meta.variant, "block": meta.block, "fused": meta.fused, "size": side,
+            "params_train": sum(p.numel() for p in model.parameters()), "params_fused": sum(p.numel() for p in plain.parameters()),
+            "macs": sum(r[2] for r in rows), "layers": layers}  # fmt: skip

@@ -26,7 +26,7 @@ import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from edgerepvgg.errors import UserError
-from edgerepvgg.inputs import FASHION_MNIST_CLASSES, InputSpec, fashion_mnist_spec, is_fashion_mnist_spec  # noqa: F401  (re-exported)
+from edgerepvgg.inputs import FASHION_MNIST_CLASSES, InputSpec, default_spec, fashion_mnist_spec, is_fashion_mnist_spec  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -477,3 +477,44 @@ def evaluation_set(spec: InputSpec, images: str | Path | None = None, limit: int
     if limit is not None and limit < len(ds):
         ds = stratified_subset(ds, max(1, limit // max(1, len(ds.class_names) or 1)))
     return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Labelled training data: where `train` and `qat` read from
+
+
+def is_fashion_mnist_source(data: str | Path) -> bool:
+    """``fashion-mnist`` (Debian's package) or a folder holding Fashion-MNIST's IDX files."""
+    return str(data) == "fashion-mnist" or (Path(data).is_dir() and any(Path(data).glob("*idx*-ubyte*")))
+
+
+def training_spec(data: str | Path, in_chans: int = 3, size: int | None = None, resize: int | None = None) -> InputSpec:
+    """The input spec a new model trained on ``data`` gets: Fashion-MNIST's own, or for image
+    folders ImageNet mean/std (3 channels; 0.5/0.5 for 1) at ``size`` (default 224) after resizing
+    the shorter side to ``resize`` (default size/0.875)."""
+    if is_fashion_mnist_source(data):
+        return fashion_mnist_spec()
+    side = size or 224
+    return replace(default_spec(in_chans), size=side, resize=resize or int(round(side / 0.875)))
+
+
+def labelled_sets(data: str | Path, spec: InputSpec) -> tuple[TensorDataset, TensorDataset | None]:
+    """(train, eval) sets preprocessed with ``spec``: Fashion-MNIST (Debian's package or a folder
+    of its IDX files), or ``DIR/train`` [+ ``DIR/val``] image folders, whose class names join the spec."""
+    if is_fashion_mnist_source(data):
+        root = None if str(data) == "fashion-mnist" else data
+        return fashion_mnist("train", spec, root), fashion_mnist("test", spec, root)
+    root = Path(data)
+    if not (root / "train").is_dir():
+        raise UserError(f"--data {data}: expected 'fashion-mnist', a folder of Fashion-MNIST IDX files, or a folder with train/ (and val/) image folders")
+    train_set = image_folder(root / "train", spec, spec.class_names or None)
+    spec = replace(spec, class_names=train_set.class_names)
+    val_set = image_folder(root / "val", spec, spec.class_names) if (root / "val").is_dir() else None
+    return replace(train_set, spec=spec), val_set
+
+
+def default_training_data(spec: InputSpec) -> str:
+    """Where a model fine-tunes by default: Fashion-MNIST for Fashion-MNIST models; others must say."""
+    if is_fashion_mnist_spec(spec):
+        return "fashion-mnist"
+    raise UserError("this model was not trained on Fashion-MNIST; pass --data (a folder with train/ [val/] class subfolders)")

@@ -122,26 +122,33 @@ def shipped_profiles() -> list[Path]:
     return []
 
 
+def lookup(name: str | Path) -> Profile | None:
+    """The profile ``name`` stands for when it is a ``.toml`` file or a shipped profile's name;
+    ``None`` when it is neither (e.g. a bare backend name)."""
+    name = str(name)
+    if name.endswith(".toml") or Path(name).is_file():
+        return load_profile(name)
+    shipped = {p.stem: p for p in shipped_profiles()}
+    return load_profile(shipped[name]) if name in shipped else None
+
+
 def resolve(names: list[str], precisions: tuple[str, ...] = ("fp32", "int8")) -> list[Profile]:
     """Profiles for ``names``: a profile file path, a shipped profile's name, a backend name (one
     profile per precision in ``precisions`` that the backend builds), or ``all`` (every backend)."""
     from edgerepvgg.targets import get_target, target_names
 
-    shipped = {p.stem: p for p in shipped_profiles()}
     out: list[Profile] = []
     for name in names:
         if name == "all":
             out += resolve(target_names(), precisions)
-        elif name.endswith(".toml") or Path(name).is_file():
-            out.append(load_profile(name))
-        elif name in shipped:
-            out.append(load_profile(shipped[name]))
+        elif (profile := lookup(name)) is not None:
+            out.append(profile)
         elif name in target_names():
             built = get_target(name).precisions
             out += [default_profile(name, p) for p in precisions if p in built]
         else:
             raise UserError(f"unknown target or profile {name!r}; pass a backend ({', '.join(target_names())}), "
-                            f"a shipped profile ({', '.join(shipped) or 'none'}) or a .toml file")  # fmt: skip
+                            f"a shipped profile ({', '.join(p.stem for p in shipped_profiles()) or 'none'}) or a .toml file")  # fmt: skip
     seen: set[str] = set()
     unique = []
     for p in out:

@@ -115,12 +115,11 @@ def plot_comparison(comparison: "Comparison", path: Path) -> None:
         ax.scatter(ms, top1, marker=marker, s=55, color=plt.cm.tab20(i % 20), label=f"{name} ({ms:.2f} ms, {top1:.2f}%)",
                    edgecolors="black", linewidths=0.4)  # fmt: skip
     if points:
-        ax.set_xscale("log")
+        _latency_axis(ax, [ms for _, ms, _ in points])
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
     missing = [r.name for r in comparison.rows if r.top1 is not None and r.p50_ms is None]
     title = f"{comparison.model}: top-1 vs batch-1 latency ({comparison.eval_images} images)"
     ax.set_title(title, fontsize=10)
-    ax.set_xlabel("batch-1 median latency, ms (log)")
     ax.set_ylabel("top-1 %")
     ax.grid(True, alpha=0.3)
     if missing:
@@ -128,3 +127,24 @@ def plot_comparison(comparison: "Comparison", path: Path) -> None:
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     fig.savefig(path, format="png")
     plt.close(fig)
+
+
+def _latency_axis(ax, values: list[float]) -> None:
+    """A readable latency axis at any range: logarithmic with plain-number labels on the decades
+    (and no minor labels, which overlap) when the values span more than a decade, else linear
+    with a few evenly spaced ticks."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    lo, hi = min(values), max(values)
+    label = lambda v, _: f"{v:g}"  # noqa: E731
+    if lo > 0 and hi / lo > 10:
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(label))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel("batch-1 median latency, ms (log scale)")
+    else:
+        pad = 0.1 * (hi - lo) or 0.1 * hi or 1.0
+        ax.set_xlim(max(0.0, lo - pad), hi + pad)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=8))
+        ax.set_xlabel("batch-1 median latency, ms")

@@ -44,7 +44,7 @@ def test_info_layer_table_on_a_checkpoint(cli, fmnist_ckpt):
 @pytest.mark.parametrize(
     "argv,message",
     [
-        (["info", "nonexistent.pth"], "neither a checkpoint file nor a model name"),
+        (["info", "nonexistent.pth"], "not found; pass a file path, a bundled model"),
         (["fuse", "missing.safetensors", "-o", "x.safetensors"], "not found"),
         (["calibrate", "{ckpt}", "--images", "{empty}"], "has no JPEG, PNG, BMP or WebP images"),
         (["calibrate", "{ckpt}", "--images", "{missing}"], "{missing}"),

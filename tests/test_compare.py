@@ -78,7 +78,7 @@ def test_compare_rows_agree_across_json_csv_and_markdown(plain, data, tmp_path):
     profiles = [Profile("ort-fp32", "onnxruntime", "fp32", threads=1, batch=2),
                 Profile("ort-int8", "onnxruntime", "int8", threads=1, batch=2, weight_bits=8),
                 Profile("trt-int8", "tensorrt", "int8")]  # fmt: skip
-    result = compare(plain, profiles, tmp_path, data, data, method="minmax", threads=1, progress=False)
+    result = compare(plain, profiles, tmp_path, data, data, calibration="minmax", threads=1, progress=False)
     paths = write_comparison(result, tmp_path)
     rows = {r.name: r for r in result.rows}
     assert {"pytorch-fused", "ort-fp32", "ort-int8", "trt-int8"} <= set(rows)
@@ -122,7 +122,7 @@ def test_other_architecture_gives_accuracy_without_latency(plain, data, tmp_path
 
 def test_impossible_gate_fails_compare(plain, data, tmp_path):
     tight = Profile("ort-int8", "onnxruntime", "int8", threads=1, batch=2, gates=Gates(max_latency_ms=1e-6))
-    result = compare(plain, [tight], tmp_path, data, data, method="minmax", progress=False)
+    result = compare(plain, [tight], tmp_path, data, data, calibration="minmax", progress=False)
     row = {r.name: r for r in result.rows}["ort-int8"]
     assert result.failed and row.status == "gate failed" and "latency" in row.gates_failed[0]
 
@@ -136,6 +136,55 @@ def test_cli_compare_exit_code_follows_the_gates(cli, fmnist_ckpt, tmp_path):
     assert code == 0, err
     assert "ok " in out and (tmp_path / "a" / "compare.md").exists()
     code, out, err = cli("-q", "compare", str(fmnist_ckpt), "--profiles", str(ok), str(tight), "--eval-limit", "30", "-o", str(tmp_path / "b"))
-    assert code == 1 and "failed their gates" in err and "gate failed" in out
+    assert code == 1 and "1 target(s) failed" in err and "gate failed" in out
     code, _, err = cli("compare", str(fmnist_ckpt), "--targets", "npu", "-o", str(tmp_path / "c"))
     assert code == 2 and "unknown target or profile 'npu'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_gate_that_cannot_be_evaluated_is_not_checked_and_fails_only_under_strict(plain, data, tmp_path):
+    gated = Profile("arm", "onnxruntime", "fp32", arch="riscv64", gates=Gates(max_latency_ms=5.0))
+    lenient = compare(plain, [gated], tmp_path / "a", None, data, progress=False)
+    row = {r.name: r for r in lenient.rows}["arm"]
+    assert row.status == "not checked" and "not checked" in row.gates_unchecked[0] and not row.gates_failed
+    assert not lenient.failed
+    strict = compare(plain, [gated], tmp_path / "b", None, data, strict=True, progress=False)
+    assert strict.failed
+
+
+def test_a_target_that_errors_fails_the_comparison(plain, data, tmp_path, monkeypatch):
+    def broken(self, *args, **kwargs):
+        raise UserError("the runtime refused the graph")
+
+    monkeypatch.setattr(OnnxRuntimeTarget, "compile", broken)
+    result = compare(plain, [Profile("ort", "onnxruntime", "fp32")], tmp_path, None, data, progress=False)
+    row = {r.name: r for r in result.rows}["ort"]
+    assert row.status == "error" and "refused the graph" in row.why
+    assert result.failed and [r.name for r in result.errors] == ["ort"]
+
+
+def test_unlabelled_images_give_agreement_only_rows(plain, data, tmp_path):
+    from dataclasses import replace
+
+    unlabelled = replace(data, labels=data.labels * 0 - 1)  # image files: label -1
+    result = compare(plain, [Profile("ort-int8", "onnxruntime", "int8", threads=1, weight_bits=8,
+                                     gates=Gates(max_delta_top1=0.5, min_agreement_emulation=0.9))],
+                     tmp_path, unlabelled, unlabelled, calibration="minmax", progress=False)  # fmt: skip
+    row = {r.name: r for r in result.rows}["ort-int8"]
+    assert row.top1 is None and row.delta_top1 is None and row.agree_emulation >= 0.9
+    assert row.status == "not checked" and any("top-1" in g for g in row.gates_unchecked)
+    assert not result.labelled and "agreement only" in result.eval_source
+
+
+def test_a_qat_spec_is_compared_on_profiles_of_its_own_scheme(plain, data, tmp_path):
+    from quant_helpers import minmax_spec
+
+    from edgerepvgg.quant import constraints_for
+
+    spec = minmax_spec(plain, constraints_for("onnxruntime", weight_bits=8))
+    profiles = [Profile("ort-int8", "onnxruntime", "int8", weight_bits=8, threads=1),
+                Profile("tfl-int8", "tflite", "int8")]  # fmt: skip
+    result = compare(plain, profiles, tmp_path, None, data, spec=spec, progress=False)
+    rows = {r.name: r for r in result.rows}
+    assert rows["ort-int8"].status == "ok" and rows["ort-int8"].agree_emulation >= 0.98
+    assert rows["tfl-int8"].status == "skipped"
+    assert f"emulation-{spec.constraints.name}" in rows

@@ -11,7 +11,7 @@ import pytest
 from quant_helpers import minmax_spec, self_labelled, tiny_plain
 
 from edgerepvgg import UserError
-from edgerepvgg._export import REPORT_FILE, export, references, score
+from edgerepvgg._export import REPORT_FILE, ExportOptions, export, references, score
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeTarget
 
@@ -28,7 +28,7 @@ def eval_set(plain):
 
 def test_int8_export_writes_artifact_and_report_with_all_three_comparisons(plain, eval_set, tmp_path):
     spec = minmax_spec(plain, constraints_for("onnxruntime", weight_bits=8))
-    report = export(plain, "onnxruntime", tmp_path, "int8", spec, eval_set, threads=1, throughput_batch=4, runs=5)
+    report = export(plain, "onnxruntime", tmp_path, "int8", spec, eval_set, options=ExportOptions(threads=1, throughput_batch=4, runs=5))
     acc = report.accuracy
     assert acc.images == 64 and acc.fp32_top1 == 1.0 and acc.top5 is not None
     assert acc.delta_top1 == pytest.approx(100 * (acc.top1 - 1.0))
@@ -43,7 +43,7 @@ def test_int8_export_writes_artifact_and_report_with_all_three_comparisons(plain
 
 
 def test_fp32_export_has_no_emulation_comparison(plain, eval_set, tmp_path):
-    report = export(plain, "onnxruntime", tmp_path, "fp32", None, eval_set, latency=False)
+    report = export(plain, "onnxruntime", tmp_path, "fp32", None, eval_set, options=ExportOptions(latency=False))
     assert report.accuracy.vs_emulation is None and report.latency == {}
     assert report.accuracy.vs_fp32.top1 == 1.0 and report.accuracy.vs_fp32.max_abs < 1e-3
 
@@ -121,7 +121,7 @@ def test_cli_export_with_a_saved_spec_and_the_both_sources_error(cli, fmnist_ckp
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--target", "tpu"], "unknown target 'tpu'"),
+        (["--target", "tpu"], "unknown target or profile 'tpu'"),
         (["--target", "onnxruntime", "--int8", "--spec", "missing.json"], "cannot read QuantSpec"),
         (["--target", "onnxruntime", "--int8", "--images", "no-such-dir"], "no-such-dir"),
         (["--target", "onnxruntime", "--precision", "fp16"], "not 'fp16'"),
@@ -153,8 +153,8 @@ def test_cli_targets_lists_every_target_with_why_not(cli):
 
 
 def test_fixed_batch_export_checks_and_times_at_that_batch(plain, eval_set, tmp_path):
-    dynamic = export(plain, "onnxruntime", tmp_path / "dyn", "fp32", None, eval_set, latency=False)
-    fixed = export(plain, "onnxruntime", tmp_path / "fix", "fp32", None, eval_set, threads=1, fixed_batch=5, runs=5)
+    dynamic = export(plain, "onnxruntime", tmp_path / "dyn", "fp32", None, eval_set, options=ExportOptions(latency=False))
+    fixed = export(plain, "onnxruntime", tmp_path / "fix", "fp32", None, eval_set, options=ExportOptions(threads=1, fixed_batch=5, runs=5))
     dims = [d.dim_value for d in onnx.load(str(tmp_path / "fix" / "model.onnx")).graph.input[0].type.tensor_type.shape.dim]
     assert dims[0] == 5  # 64 images: 12 full chunks and one padded chunk of 4
     assert fixed.accuracy.vs_fp32.max_abs < 1e-4 and dynamic.accuracy.vs_fp32.max_abs < 1e-4
@@ -182,14 +182,57 @@ def test_fixed_batch_is_refused_where_the_runner_adapts(plain, tmp_path):
     if TFLiteTarget().available() is not None:
         pytest.skip(TFLiteTarget().available())
     with pytest.raises(UserError, match="cannot fix the batch"):
-        export(plain, "tflite", tmp_path, "fp32", fixed_batch=4)
+        export(plain, "tflite", tmp_path, "fp32", options=ExportOptions(fixed_batch=4))
     with pytest.raises(UserError, match="at least 1"):
-        export(plain, "onnxruntime", tmp_path, "fp32", fixed_batch=0)
+        export(plain, "onnxruntime", tmp_path, "fp32", options=ExportOptions(fixed_batch=0))
 
 
 def test_fixed_batch_gives_tensorrt_a_single_shape_profile(plain, tmp_path):
     spec = minmax_spec(plain, constraints_for("tensorrt"))
-    report = export(plain, "tensorrt", tmp_path, "int8", spec, latency=False, fixed_batch=4)
+    report = export(plain, "tensorrt", tmp_path, "int8", spec, options=ExportOptions(latency=False, fixed_batch=4))
     assert report.artifact["info"]["batch"] == {"min": 4, "opt": 4, "max": 4}
     script = (tmp_path / "build_engine.sh").read_text()
     assert "--minShapes=input:4x" in script and "--maxShapes=input:4x" in script
+
+
+def test_report_paths_are_relative_to_the_report(plain, eval_set, tmp_path):
+    report = export(plain, "onnxruntime", tmp_path / "out", "fp32", None, eval_set, options=ExportOptions(latency=False))
+    d = json.loads((tmp_path / "out" / REPORT_FILE).read_text())
+    assert d["artifact"]["path"] == "model.onnx" and d["artifact"]["files"] == ["model.onnx"]
+    assert report.artifact_path == tmp_path / "out" / "model.onnx" and report.artifact_path.exists()
+
+
+def test_without_labels_export_checks_agreement_on_the_calibration_images(plain, eval_set, tmp_path):
+    from dataclasses import replace
+
+    unlabelled = replace(eval_set, labels=eval_set.labels * 0 - 1)  # image files: label -1
+    report = export(plain, "onnxruntime", tmp_path, "int8", None, images=unlabelled, calibration="minmax",
+                    options=ExportOptions(latency=False, weight_bits=8))  # fmt: skip
+    acc = report.accuracy
+    assert acc is not None and not acc.labelled and acc.top1 is None and acc.delta_top1 is None
+    assert acc.images == len(unlabelled) and acc.vs_emulation.top1 >= 0.98
+    assert any(n.startswith("no labels: agreement only") for n in report.notes)
+    assert json.loads((tmp_path / REPORT_FILE).read_text())["accuracy"]["labelled"] is False
+
+
+def test_a_spec_alone_means_int8_and_a_spec_for_fp32_is_refused(plain, eval_set, tmp_path):
+    spec = minmax_spec(plain, constraints_for("onnxruntime", weight_bits=8))
+    report = export(plain, "onnxruntime", tmp_path / "a", spec=spec, eval_set=False, options=ExportOptions(latency=False))
+    assert report.precision == "int8" and report.accuracy is None
+    with pytest.raises(UserError, match="for INT8 builds"):
+        export(plain, "onnxruntime", tmp_path / "b", "fp32", spec)
+
+
+def test_cli_export_of_a_foreign_checkpoint_without_labels_is_agreement_only(cli, tmp_path, caplog):
+    from PIL import Image
+
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (40, 40), (40 * i, 20, 200 - 30 * i)).save(images / f"{i}.png")
+    code, out, err = cli("-q", "export", "A0", "--num-classes", "4", "--target", "onnxruntime", "--int8", "--images", str(images),
+                         "--no-latency", "--method", "minmax", "-o", str(tmp_path / "out"))  # fmt: skip
+    assert code == 0, err
+    assert "random weights" in caplog.text  # a variant name builds an untrained model, and says so
+    assert "no labels: agreement only" in out and "agreement with the INT8 emulation" in out
+    assert not any(line.startswith("  top-1") for line in out.splitlines())  # no labels, no top-1
