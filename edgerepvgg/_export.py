@@ -352,7 +352,7 @@ def export(
     runner = target.load(artifact, options.threads)
     if options.fixed_batch is not None:
         runner = FixedBatchRunner(runner, options.fixed_batch)
-    emulated = bool(getattr(runner, "emulated", False))
+    emulated = runner.emulated
     notes = list(artifact.info.get("notes", ()))
     if emulated:
         notes.append(f"no {target.name} engine ran here ({target.available()}); accuracy is the Q/DQ graph in ONNX Runtime "
