@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,16 @@ def write_comparison(comparison: "Comparison", out_dir: str | Path) -> dict[str,
 
 
 def plot_comparison(comparison: "Comparison", path: Path) -> None:
-    """Top-1 against batch-1 latency, one labelled point per row that has both."""
+    """Top-1 against batch-1 latency, one labelled point per row that has both, as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = comparison_figure(comparison)
+    fig.savefig(path, format="png")
+    plt.close(fig)
+
+
+def comparison_figure(comparison: "Comparison"):
+    """The figure :func:`plot_comparison` saves (a matplotlib Figure on the Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,8 +135,7 @@ def plot_comparison(comparison: "Comparison", path: Path) -> None:
     if missing:
         fig.text(0.01, 0.01, "accuracy only, not plotted: " + ", ".join(missing), fontsize=7)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    fig.savefig(path, format="png")
-    plt.close(fig)
+    return fig
 
 
 def _latency_axis(ax, values: list[float]) -> None:
@@ -139,7 +148,8 @@ def _latency_axis(ax, values: list[float]) -> None:
     label = lambda v, _: f"{v:g}"  # noqa: E731
     if lo > 0 and hi / lo > 10:
         ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        decades = math.log10(hi / lo)
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 3 else (1.0,), numticks=12))
         ax.xaxis.set_major_formatter(FuncFormatter(label))
         ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("batch-1 median latency, ms (log scale)")

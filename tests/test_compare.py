@@ -188,3 +188,23 @@ def test_a_qat_spec_is_compared_on_profiles_of_its_own_scheme(plain, data, tmp_p
     assert rows["ort-int8"].status == "ok" and rows["ort-int8"].agree_emulation >= 0.98
     assert rows["tfl-int8"].status == "skipped"
     assert f"emulation-{spec.constraints.name}" in rows
+
+
+@pytest.mark.parametrize("latencies", [(0.41, 0.43, 0.47, 0.55), (0.05, 0.4, 3.2, 25.0, 180.0), (0.01, 9000.0), (2.0, 2.0)])
+def test_plot_latency_tick_labels_never_overlap(latencies):
+    import matplotlib.pyplot as plt
+
+    from edgerepvgg._compare import Comparison, Row
+    from edgerepvgg.report import comparison_figure
+
+    rows = tuple(Row(f"t{i}", "onnxruntime", "cpu", "int8", "ok", top1=0.9, p50_ms=ms) for i, ms in enumerate(latencies))
+    fig = comparison_figure(Comparison(rows, "x", 10, "m"))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    lo, hi = ax.get_xlim()
+    labels = [t for t in ax.get_xticklabels(minor=False) + ax.get_xticklabels(minor=True)
+              if t.get_text() and lo <= t.get_position()[0] <= hi]  # fmt: skip
+    boxes = sorted((t.get_window_extent() for t in labels), key=lambda b: b.x0)
+    plt.close(fig)
+    assert len(boxes) >= 2  # the axis is labelled
+    assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))  # left to right, no two touching
