@@ -33,12 +33,13 @@ from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.io import atomic_path
-from edgerepvgg.models import create_model
+from edgerepvgg.models import block_class, create_model
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "last.pt"
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # the checkpoint a training or QAT run writes in its folder
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,10 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd or adamw")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise UserError("epochs, batch size and learning rate must be positive")
+        validate_recipe(self)
+        block_class(self.block)
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
 
 class Recipe(Protocol):
@@ -79,6 +80,25 @@ class Recipe(Protocol):
     hflip: bool
     erase_prob: float
     seed: int
+
+
+def validate_recipe(config: Recipe) -> None:
+    """The checks every run config shares (:class:`TrainConfig`, ``QATConfig``): one ``UserError``
+    line naming the setting, its value and the valid range."""
+    if config.optimizer not in OPTIMIZERS:
+        raise UserError(f"unknown optimizer {config.optimizer!r}; use {' or '.join(OPTIMIZERS)}")
+    checks = (
+        ("--epochs", config.epochs, config.epochs >= 1, "at least 1"),
+        ("--batch-size", config.batch_size, config.batch_size >= 1, "at least 1"),
+        ("--lr", config.lr, config.lr > 0 and math.isfinite(config.lr), "positive"),
+        ("--weight-decay", config.weight_decay, config.weight_decay >= 0, "0 or more"),
+        ("--warmup-epochs", config.warmup_epochs, config.warmup_epochs >= 0, "0 or more"),
+        ("crop padding", config.crop_padding, config.crop_padding >= 0, "0 or more"),
+        ("erase probability", config.erase_prob, 0.0 <= config.erase_prob <= 1.0, "in [0, 1]"),
+    )  # fmt: skip
+    for name, value, ok, valid in checks:
+        if not ok:
+            raise UserError(f"{name} must be {valid}, got {value!r}")
 
 
 def lr_at(config: Recipe, step: int, steps_per_epoch: int) -> float:
@@ -132,8 +152,8 @@ def make_optimizer(model: nn.Module, config: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=config.lr)
 
 
-def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, config: Recipe, history: list,
-                **extra) -> None:  # fmt: skip
+def save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch: int, config: Recipe, history: list,
+               **extra) -> None:  # fmt: skip
     """Atomic checkpoint of a run after ``epoch`` epochs; ``extra`` adds keys (plain data only:
     the file must load with ``torch.load(weights_only=True)``)."""
     state = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
@@ -142,7 +162,8 @@ def _save_state(path: Path, model: nn.Module, opt: torch.optim.Optimizer, epoch:
         torch.save(state, tmp)
 
 
-def _load_state(path: Path, config: Recipe) -> dict:
+def load_state(path: Path, config: Recipe) -> dict:
+    """The run state :func:`save_state` wrote, refused if another config wrote it."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged or foreign file: say which, do not guess
@@ -151,6 +172,22 @@ def _load_state(path: Path, config: Recipe) -> dict:
         diff = {k: (v, asdict(config).get(k)) for k, v in state.get("config", {}).items() if asdict(config).get(k) != v}
         raise UserError(f"{path} was written by a run with other settings {diff}; use the same settings or another --out")
     return state
+
+
+def resume_run(path: Path, config: Recipe, model: nn.Module, opt: torch.optim.Optimizer,
+               source: dict | None = None) -> tuple[int, list[dict]]:  # fmt: skip
+    """Continue a run from its state file: load ``model`` and ``opt`` (before any DDP wrapping,
+    so every rank loads the same file) and return (epochs done, history). The file must exist,
+    come from the same ``config`` and, where ``source`` is given, record that same source."""
+    if not path.is_file():
+        raise UserError(f"nothing to resume: {path} does not exist; run without --resume")
+    state = load_state(path, config)
+    if source is not None and state.get("source") != source:
+        raise UserError(f"{path} was written for another model or QuantSpec; use the same ones or another --out")
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    log.info("resumed from %s after epoch %d", path, state["epoch"])
+    return state["epoch"], list(state["history"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,17 +358,8 @@ def train(
     model = create_model(config.model, num_classes=num_classes, in_chans=spec.channels, block=config.block)
     model = model.to(dist.device, memory_format=torch.channels_last)
     opt = make_optimizer(model, config)
-    history: list[dict] = []
-    start = 0
     state_path = out_dir / STATE_FILE
-    if resume:
-        if not state_path.is_file():
-            raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
-        state = _load_state(state_path, config)
-        model.load_state_dict(state["model"])  # before DDP wraps it: every rank loads the same file
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], list(state["history"])
-        log.info("resumed from %s after epoch %d", state_path, start)
+    start, history = resume_run(state_path, config, model, opt) if resume else (0, [])
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = ddp(x.contiguous(memory_format=torch.channels_last))
@@ -342,7 +370,7 @@ def train(
         return {"eval_top1": topk_accuracy(predict(lambda x: model(x.to(dist.device)).cpu(), eval_set), eval_set.labels)}
 
     def save(epoch: int, history: list[dict]) -> None:
-        _save_state(state_path, model, opt, epoch, config, history)
+        save_state(state_path, model, opt, epoch, config, history)
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     ddp = dist.wrap(model)

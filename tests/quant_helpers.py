@@ -40,7 +40,7 @@ def minmax_spec(plain: PlainNet, c: Constraints, x: torch.Tensor | None = None) 
         return TensorQuant(c.activation, (s,), (z,))
 
     layers = []
-    for name, m in zip([f"convs.{i}" for i in range(len(plain.convs))] + ["head"], [*plain.convs, plain.head]):
+    for name, m in zip(plain.layer_names(), [*plain.convs, plain.head]):
         wmax = m.weight.detach().abs().flatten(1).max(1).values.clamp_min(1e-8)
         scales = tuple(float(v) / c.weight.qmax for v in wmax)
         layers.append(LayerQuant(name, act(name), TensorQuant(c.weight, scales, (0,) * len(scales))))

@@ -100,3 +100,14 @@ def test_deploy_model_has_only_reparam_convs():
 def test_block_rejects_channels_not_divisible_by_groups():
     with pytest.raises(ValueError, match="divisible"):
         RepVGGBlock(6, 6, groups=4)
+
+
+def test_block_type_is_validated_in_one_place_as_a_user_error():
+    from edgerepvgg.models import VARIANTS, RepVGG, block_class
+
+    assert block_class("qarepvgg").__name__ == "QARepVGGBlock"
+    for build in (lambda: create_model("A0", block="resnet"), lambda: RepVGG(VARIANTS["A0"], block="resnet"),
+                  lambda: block_class("resnet")):  # fmt: skip
+        with pytest.raises(UserError) as err:
+            build()
+        assert str(err.value) == "unknown block type 'resnet'; choose one of repvgg, qarepvgg"

@@ -18,16 +18,18 @@ from edgerepvgg import InputSpec, UserError, fuse, load_checkpoint
 from edgerepvgg.data import TensorDataset, prepare_arrays
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant import CONSTRAINT_SETS, Constraints, Scheme, TensorQuant, load_spec, model_hash
+from edgerepvgg.quant import CONSTRAINT_SETS, Constraints, Scheme, TensorQuant, constraints_for, load_spec, model_hash
 from edgerepvgg.quant.calibrate import calibrate
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.observers import weight_scales
 from edgerepvgg.quant.qat import (
     MODEL_FILE, SPEC_FILE, ActQuant, QATConfig, QATNet, WeightQuant, conv_statistics, plain_to_repvgg, qat,
+    starting_images,
 )  # fmt: skip
 from edgerepvgg.train import STATE_FILE, Dist, TrainConfig, train
 
 from helpers import synthetic_images, write_idx
+from quant_helpers import self_labelled, tiny_plain
 
 SPEC16 = InputSpec(size=16, resize=16, channels=1, mean=(0.5,), std=(0.5,))
 # Grids coarse enough that post-training quantization of the 22-layer A0 loses most of its accuracy.
@@ -197,6 +199,96 @@ def test_exported_spec_reproduces_the_fake_quant_model(trained, name, learn):
     assert float(err.median()) <= 1e-5 * float(integer.abs().max()), float(err.median())
 
 
+@pytest.mark.parametrize("name", ["openvino", "tflite", "tensorrt"])
+def test_qatnet_with_frozen_scales_computes_the_integer_net(name):
+    """QATNet (eval, learn_scales=False) is IntegerNet's function, int32 bias rounding included:
+    the logits agree to float32-vs-float64 rounding (a value landing on a requantization
+    boundary may round one step apart, so the median is pinned) and every top-1 agrees."""
+    plain = tiny_plain()
+    data = self_labelled(plain, n=64)
+    x = torch.cat([b for b, _ in data.batches(64)])
+    spec = calibrate(plain, data, name, "minmax", progress=False, cache=False)
+    stats = conv_statistics(plain, x)
+    net = QATNet(plain, spec, stats, learn_scales=False).eval()
+    fine, fine_spec = net.export()
+    with torch.no_grad():
+        fake, integer = net(x), IntegerNet(fine, fine_spec)(x)
+    tol = 1e-5 * float(integer.abs().max())
+    err = (fake - integer).abs()
+    assert float(err.median()) <= tol, float(err.median())
+    assert float((err <= tol).float().mean()) >= 0.9
+    assert torch.equal(fake.argmax(1), integer.argmax(1))
+    if spec.constraints.int_bias:  # not vacuous: without the int32 bias rounding the median moves off
+        unrounded = replace(spec, constraints=replace(spec.constraints, int_bias=False))
+        with torch.no_grad():
+            off = (QATNet(plain, unrounded, stats, learn_scales=False).eval()(x) - integer).abs()
+        assert float(off.median()) > tol
+
+
+def test_qatnet_refuses_a_spec_made_for_another_model():
+    plain, other = tiny_plain(0), tiny_plain(1)
+    data = self_labelled(plain, n=8)
+    spec = calibrate(plain, data, "tensorrt", "minmax", progress=False, cache=False)
+    stats = conv_statistics(other, other.example_input(4))
+    with pytest.raises(UserError, match="made for another model"):
+        QATNet(other, spec, stats, learn_scales=False)
+
+
+def test_plain_to_repvgg_reads_the_variant_and_block_the_plain_net_carries():
+    plain = tiny_plain()
+    renamed = copy.deepcopy(plain)
+    renamed.name = "my favourite model"  # the name is a label, not data
+    model = plain_to_repvgg(renamed)
+    assert (model.config.name, model.block_type) == ("A0", "repvgg")
+    refused = PlainNet(list(plain.convs), plain.head, plain.input_spec, "repvgg_a0")  # no variant/block given
+    with pytest.raises(UserError, match="variant='A0', block='repvgg'"):
+        plain_to_repvgg(refused)
+    net = QATNet(plain, calibrate(plain, self_labelled(plain, n=8), "tensorrt", "minmax", progress=False, cache=False),
+                 conv_statistics(plain, plain.example_input(4)), learn_scales=False)  # fmt: skip
+    fine, _ = net.export()
+    assert (fine.variant, fine.block, fine.name) == (plain.variant, plain.block, plain.name) == ("A0", "repvgg", "repvgg_a0")
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the starting spec comes from when none is given
+
+
+def test_starting_images_follow_the_cli_rule(monkeypatch):
+    import edgerepvgg.quant.qat as qat_module
+    from edgerepvgg.data import fashion_mnist_spec
+
+    plain = tiny_plain()  # not a Fashion-MNIST model
+    small, given = bands(200, 0), bands(10, 3)
+    assert starting_images(plain, small, given) is given  # images given: those
+    assert starting_images(plain, small) is small  # at most 256 training images: all of them
+    big = bands(600, 0)
+    sample = starting_images(plain, big)
+    assert "per class" in sample.source and len(sample) == 5 * (256 // 5)  # a class-stratified ~256
+    fm = copy.deepcopy(plain)
+    fm.input_spec = fashion_mnist_spec()
+    monkeypatch.setattr(qat_module, "calibration_images", lambda spec: given)  # the bundled set
+    assert starting_images(fm, big) is given
+
+
+def test_qat_without_a_spec_calibrates_itself_and_says_where_from(trained, tmp_path):
+    plain, _, train_set, _ = trained
+    small = TensorDataset(train_set.images[:64], train_set.labels[:64], SPEC16, "bands[:64]")
+    config = QATConfig(epochs=1, **FAST)
+    _, fine_spec, m = qat(plain, None, small, None, config, tmp_path / "a", progress=False, constraints="openvino",
+                          weight_bits=6, calibration="minmax", cache=False)  # fmt: skip
+    assert m["start"] == "calibration on 64 images of bands[:64] (minmax)"
+    assert fine_spec.constraints.name == "openvino-w6" and fine_spec.calibration["method"] == "minmax"
+    expected = calibrate(plain, small, constraints_for("openvino", weight_bits=6), "minmax", progress=False, cache=False)
+    assert fine_spec.calibration["qat"]["initial_spec_sha256"] == expected.sha256  # the same spec the CLI made
+    _, _, m = qat(plain, expected, small, None, config, tmp_path / "b", progress=False)
+    assert m["start"] == "the given QuantSpec"
+    _, fine_spec, m = qat(plain, None, small, None, config, tmp_path / "c", progress=False, images=bands(20, 5),
+                          cache=False)  # fmt: skip
+    assert m["start"] == "calibration on 20 images of bands(seed 5) (mse)" and fine_spec.constraints.name == "tensorrt"
+    with pytest.raises(UserError, match="--weight-bits must be between 2 and 8, got 20"):
+        qat(plain, None, small, None, config, tmp_path / "d", progress=False, weight_bits=20)
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints and resume
 
@@ -213,16 +305,16 @@ def test_resume_continues_exactly(trained, tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    real = qat_module._save_state
+    real = qat_module.save_state
 
     def save_then_stop(*args, **kwargs):
         real(*args, **kwargs)
         raise Stop
 
-    monkeypatch.setattr(qat_module, "_save_state", save_then_stop)
+    monkeypatch.setattr(qat_module, "save_state", save_then_stop)
     with pytest.raises(Stop):
         qat(plain, spec, small, None, config, tmp_path / "part", progress=False)
-    monkeypatch.setattr(qat_module, "_save_state", real)
+    monkeypatch.setattr(qat_module, "save_state", real)
     state = torch.load(tmp_path / "part" / STATE_FILE, weights_only=True)
     assert state["epoch"] == 1 and state["source"]["spec_sha256"] == spec.sha256
     assert set(state) == {"model", "optimizer", "epoch", "config", "history", "source"}

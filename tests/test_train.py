@@ -68,7 +68,7 @@ def _train_first_epoch_only(config: TrainConfig, train_set, out: Path) -> int:
     """Run one epoch of a 2-epoch schedule by interrupting after the first checkpoint."""
     import edgerepvgg.train as tr
 
-    real = tr._save_state
+    real = tr.save_state
 
     class Stop(Exception):
         pass
@@ -77,12 +77,12 @@ def _train_first_epoch_only(config: TrainConfig, train_set, out: Path) -> int:
         real(*args, **kwargs)
         raise Stop
 
-    tr._save_state = save_then_stop
+    tr.save_state = save_then_stop
     try:
         with pytest.raises(Stop):
             train(config, train_set, None, out, progress=False)
     finally:
-        tr._save_state = real
+        tr.save_state = real
     return torch.load(out / STATE_FILE, weights_only=True)["epoch"]
 
 
@@ -145,6 +145,32 @@ def test_augment_is_seeded_and_keeps_shape():
 def test_bad_config_is_a_user_error():
     with pytest.raises(UserError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(epochs=0), "--epochs must be at least 1, got 0"),
+    (dict(batch_size=-2), "--batch-size must be at least 1, got -2"),
+    (dict(lr=0.0), "--lr must be positive, got 0.0"),
+    (dict(weight_decay=-1e-4), "--weight-decay must be 0 or more, got -0.0001"),
+    (dict(warmup_epochs=-1.0), "--warmup-epochs must be 0 or more, got -1.0"),
+    (dict(erase_prob=1.5), "erase probability must be in [0, 1], got 1.5"),
+    (dict(block="resnet"), "unknown block type 'resnet'; choose one of repvgg, qarepvgg"),
+])  # fmt: skip
+def test_train_and_qat_configs_share_one_validation(bad, message):
+    from edgerepvgg.quant.qat import QATConfig
+
+    configs = [TrainConfig] + ([QATConfig] if "block" not in bad else [])
+    for config in configs:
+        with pytest.raises(UserError) as err:
+            config(**bad)
+        assert str(err.value) == message
+
+
+def test_one_model_file_name_for_train_and_qat():
+    import edgerepvgg.quant.qat as qat_module
+    import edgerepvgg.train as train_module
+
+    assert qat_module.MODEL_FILE is train_module.MODEL_FILE == "model.safetensors"
 
 
 def test_train_on_an_image_folder_records_its_class_names(tmp_path, cli):

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from edgerepvgg.errors import UserError
-from edgerepvgg.models.blocks import BLOCKS, QARepVGGBlock, RepVGGBlock
+from edgerepvgg.models.blocks import BLOCKS, QARepVGGBlock, RepVGGBlock, block_class
 from edgerepvgg.models.repvgg import VARIANTS, RepVGG, VariantConfig
 
-__all__ = ["BLOCKS", "VARIANTS", "QARepVGGBlock", "RepVGG", "RepVGGBlock", "VariantConfig", "create_model", "list_models"]
+__all__ = [
+    "BLOCKS", "VARIANTS", "QARepVGGBlock", "RepVGG", "RepVGGBlock", "VariantConfig", "block_class", "create_model",
+    "list_models", "resolve_variant",
+]  # fmt: skip
 
 
 def list_models() -> list[str]:
@@ -35,7 +38,6 @@ def create_model(
     deploy: bool = False,
 ) -> RepVGG:
     """Build a RepVGG variant by name. ``block="qarepvgg"`` selects the quantization-friendly block;
-    ``deploy=True`` builds the fused form (one 3x3 conv per block) for loading deploy checkpoints."""
-    if block not in BLOCKS:
-        raise UserError(f"unknown block type {block!r}; choose one of {', '.join(BLOCKS)}")
+    ``deploy=True`` builds the fused form (one 3x3 conv per block) for loading deploy checkpoints.
+    An unknown variant or block type is a ``UserError``."""
     return RepVGG(resolve_variant(name), num_classes=num_classes, in_chans=in_chans, block=block, deploy=deploy)

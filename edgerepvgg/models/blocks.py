@@ -13,8 +13,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgerepvgg.errors import UserError
 
-def _fold_bn(kernel: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+
+def fold_bn(kernel: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold an eval-mode BatchNorm that follows a conv into that conv's kernel and bias."""
     std = (bn.running_var + bn.eps).sqrt()
     scale = bn.weight / std
@@ -44,7 +46,7 @@ class ConvBN(nn.Sequential):
         self.bn = nn.BatchNorm2d(cout)
 
     def fused(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fold_bn(self.conv.weight, None, self.bn)
+        return fold_bn(self.conv.weight, None, self.bn)
 
 
 class _ReparamBlock(nn.Module):
@@ -123,7 +125,7 @@ class RepVGGBlock(_ReparamBlock):
         k1, b1 = self.rbr_1x1.fused()
         kernel, bias = k3 + _pad_1x1(k1), b3 + b1
         if self.rbr_identity is not None:
-            kid, bid = _fold_bn(_identity_kernel(self.in_channels, self.groups, k3), None, self.rbr_identity)
+            kid, bid = fold_bn(_identity_kernel(self.in_channels, self.groups, k3), None, self.rbr_identity)
             kernel, bias = kernel + kid, bias + bid
         return kernel, bias
 
@@ -162,7 +164,15 @@ class QARepVGGBlock(_ReparamBlock):
         kernel = k3 + _pad_1x1(self.rbr_1x1.weight)
         if self.has_identity:
             kernel = kernel + _identity_kernel(self.in_channels, self.groups, k3)
-        return _fold_bn(kernel, b3, self.bn)
+        return fold_bn(kernel, b3, self.bn)
 
 
 BLOCKS: dict[str, type[_ReparamBlock]] = {"repvgg": RepVGGBlock, "qarepvgg": QARepVGGBlock}
+
+
+def block_class(block: str) -> type[_ReparamBlock]:
+    """The block class of a block type name: the one place a block type is validated."""
+    try:
+        return BLOCKS[block]
+    except (KeyError, TypeError):
+        raise UserError(f"unknown block type {block!r}; choose one of {', '.join(BLOCKS)}") from None

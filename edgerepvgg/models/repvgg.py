@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgerepvgg.models.blocks import BLOCKS
+from edgerepvgg.models.blocks import block_class
 
 STAGE_WIDTHS = (64, 128, 256, 512)
 
@@ -70,11 +70,9 @@ class RepVGG(nn.Module):
         deploy: bool = False,
     ):
         super().__init__()
-        if block not in BLOCKS:
-            raise ValueError(f"unknown block type {block!r}; choose one of {sorted(BLOCKS)}")
+        make = block_class(block)  # a UserError for an unknown block type
         self.config, self.block_type = config, block
         self.num_classes, self.in_chans = num_classes, in_chans
-        make = BLOCKS[block]
         self.stage0 = make(in_chans, config.stem_width, stride=2, deploy=deploy)
         cin, layer_idx = config.stem_width, 1
         for s, (depth, width) in enumerate(zip(config.num_blocks, config.stage_widths), start=1):

@@ -11,9 +11,13 @@ from edgerepvgg.quant.spec import (
     load_spec,
     model_hash,
     qparams,
+    require_spec_for,
+    resolve_constraints,
+    with_float_layers,
 )
 
 __all__ = [
     "CONSTRAINT_SETS", "Constraints", "LayerQuant", "QuantSpec", "Scheme", "TensorQuant",
-    "constraints_for", "load_spec", "model_hash", "qparams",
+    "constraints_for", "load_spec", "model_hash", "qparams", "require_spec_for", "resolve_constraints",
+    "with_float_layers",
 ]  # fmt: skip

@@ -23,7 +23,7 @@ from collections.abc import Collection
 import torch
 from torch import nn
 
-from edgerepvgg.plain import PlainNet
+from edgerepvgg.plain import Observe, PlainNet
 from edgerepvgg.quant.spec import QuantSpec, TensorQuant, require_spec_for
 
 #: The quantizers outside the layers, which ``IntegerNet(keep_float=...)`` can leave out.
@@ -126,7 +126,7 @@ class IntegerNet(nn.Module):
             self.biases.append(module.bias.detach().double())
             self.exact32.append(None if layer.precision == "float" else float32_parts(self.weights[-1], layer.input))
 
-    def _layer(self, i: int, x: torch.Tensor, observe) -> torch.Tensor:
+    def _layer(self, i: int, x: torch.Tensor, observe: Observe | None) -> torch.Tensor:
         """Layer i (conv or head) on real-valued input ``x``; returns real-valued pre-ReLU output."""
         layer = self.spec.layers[i]
         conv = i < len(self.strides)
@@ -156,7 +156,7 @@ class IntegerNet(nn.Module):
         return acc * s + bias
 
     @torch.no_grad()
-    def forward(self, x: torch.Tensor, observe=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, observe: Observe | None = None) -> torch.Tensor:
         spec = self.spec
         x = x.double()
         for i in range(len(self.strides)):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import re
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -52,20 +51,29 @@ from torch import nn
 from torch.nn import functional as F
 
 from edgerepvgg.checkpoints import meta_for, save_checkpoint
-from edgerepvgg.data import TensorDataset
+from edgerepvgg.data import TensorDataset, calibration_images, stratified_subset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
+from edgerepvgg.inputs import is_fashion_mnist_spec
 from edgerepvgg.models import RepVGG, create_model, resolve_variant
-from edgerepvgg.models.blocks import _fold_bn
+from edgerepvgg.models.blocks import fold_bn
 from edgerepvgg.plain import PlainNet
+from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate, save_spec
 from edgerepvgg.quant.emulate import IntegerNet, round_mode
 from edgerepvgg.quant.observers import weight_scales
-from edgerepvgg.quant.spec import QuantSpec, TensorQuant, model_hash
-from edgerepvgg.train import STATE_FILE, _load_state, _save_state, init_distributed, make_optimizer, run_epochs
+from edgerepvgg.quant.spec import Constraints, QuantSpec, TensorQuant, model_hash, require_spec_for, resolve_constraints
+from edgerepvgg.train import (
+    MODEL_FILE, STATE_FILE, init_distributed, make_optimizer, resume_run, run_epochs, save_state, validate_recipe,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.safetensors"
+__all__ = [
+    "MODEL_FILE", "SPEC_FILE", "ActQuant", "FrozenConvBN", "QATConfig", "QATNet", "WeightQuant", "conv_statistics",
+    "distill_loss", "plain_to_repvgg", "qat", "qat_metrics",
+]  # fmt: skip
+
+CALIBRATION_SAMPLE = 256  # training images that calibrate the starting spec when nothing else is given
 SPEC_FILE = "quant_spec.json"
 _MIN_SCALE = 1e-12  # a learned scale is used as |s|, never below this
 
@@ -90,12 +98,13 @@ class QATConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.optimizer not in ("sgd", "adamw"):
-            raise UserError(f"unknown optimizer {self.optimizer!r}; use sgd or adamw")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0 or self.stats_images < 1:
-            raise UserError("epochs, batch size, learning rate and stats images must be positive")
-        if not 0.0 <= self.distill_alpha <= 1.0 or self.temperature <= 0:
-            raise UserError("--distill-alpha must be in [0, 1] and the temperature positive")
+        validate_recipe(self)
+        if self.stats_images < 1:
+            raise UserError(f"stats images must be at least 1, got {self.stats_images!r}")
+        if not 0.0 <= self.distill_alpha <= 1.0:
+            raise UserError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha!r}")
+        if not self.temperature > 0:
+            raise UserError(f"--temperature must be positive, got {self.temperature!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +192,7 @@ class WeightQuant(nn.Module):
 # Partial fusion: conv + frozen BN, folded on every forward
 
 
-class ConvBN(nn.Module):
+class FrozenConvBN(nn.Module):
     """A fused 3x3 conv split into a bias-free conv and a BatchNorm whose statistics stay frozen.
     ``folded()`` is the (weight, bias) of the equivalent fused conv; the BN module is never run."""
 
@@ -199,7 +208,7 @@ class ConvBN(nn.Module):
             self.bn.bias.copy_(mean + conv.bias)
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return _fold_bn(self.conv.weight, None, self.bn)
+        return fold_bn(self.conv.weight, None, self.bn)
 
 
 @torch.no_grad()
@@ -228,10 +237,9 @@ class QATNet(nn.Module):
 
     def __init__(self, plain: PlainNet, spec: QuantSpec, stats: list[tuple[torch.Tensor, torch.Tensor]], learn_scales: bool):
         super().__init__()
-        if len(spec.layers) != len(plain.convs) + 1:
-            raise UserError(f"the spec has {len(spec.layers)} layers but the model {len(plain.convs) + 1}; recalibrate")
-        self.spec, self.input_spec, self.name = spec, plain.input_spec, plain.name
-        self.convs = nn.ModuleList(ConvBN(c, m, v) for c, (m, v) in zip(plain.convs, stats))
+        require_spec_for(plain, spec)
+        self.spec, self.input_spec, self.identity = spec, plain.input_spec, plain.identity()
+        self.convs = nn.ModuleList(FrozenConvBN(c, m, v) for c, (m, v) in zip(plain.convs, stats))
         self.head = copy.deepcopy(plain.head).requires_grad_(True)
         self.quantized = [layer.precision != "float" for layer in spec.layers]
         r = spec.constraints.rounding
@@ -275,7 +283,7 @@ class QATNet(nn.Module):
             conv.weight.copy_(w.cpu())
             conv.bias.copy_(b.cpu())
             convs.append(conv)
-        plain = PlainNet(convs, copy.deepcopy(self.head).cpu(), self.input_spec, self.name).eval()
+        plain = PlainNet(convs, copy.deepcopy(self.head).cpu(), self.input_spec, **self.identity).eval()
         layers = []
         for i, (layer, module) in enumerate(zip(self.spec.layers, [*plain.convs, plain.head])):
             if self.quantized[i]:
@@ -303,15 +311,16 @@ def distill_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
 def plain_to_repvgg(plain: PlainNet) -> RepVGG:
     """A deploy-form RepVGG (one ``rbr_reparam`` conv per block) holding ``plain``'s weights, so
     that a fine-tuned PlainNet is saved in the checkpoint format every command reads. The variant
-    and block type come from the PlainNet's name (``repvgg_a0``, ``qarepvgg_b1g4``)."""
-    m = re.fullmatch(r"(qa)?repvgg_(\w+)", plain.name)
-    if not m:
-        raise UserError(f"cannot tell which RepVGG variant the PlainNet {plain.name!r} is; name it like 'repvgg_a0'")
-    variant = resolve_variant(m.group(2)).name
-    model = create_model(variant, plain.num_classes, plain.input_spec.channels, "qarepvgg" if m.group(1) else "repvgg", deploy=True)
+    and block type are the ones the PlainNet carries (:func:`edgerepvgg.fuse` sets them)."""
+    if plain.variant is None or plain.block is None:
+        raise UserError(f"the PlainNet {plain.name!r} does not say which RepVGG variant and block type it was fused from; "
+                        "build it with edgerepvgg.fuse(model), or pass PlainNet(..., variant='A0', block='repvgg')")  # fmt: skip
+    variant = resolve_variant(plain.variant).name
+    model = create_model(variant, plain.num_classes, plain.input_spec.channels, plain.block, deploy=True)
     blocks = model.blocks()
     if len(blocks) != len(plain.convs):
-        raise ValueError(f"RepVGG-{variant} has {len(blocks)} blocks, the PlainNet {len(plain.convs)} convs")
+        raise UserError(f"RepVGG-{variant} has {len(blocks)} blocks but the PlainNet {len(plain.convs)} convs; "
+                        "its variant is wrong: fuse the model again")  # fmt: skip
     for block, conv in zip(blocks, plain.convs):
         block.rbr_reparam.load_state_dict(conv.state_dict())
     model.linear.load_state_dict(plain.head.state_dict())
@@ -329,33 +338,63 @@ def _top1(fn, dataset: TensorDataset) -> tuple[float, torch.Tensor]:
     return topk_accuracy(logits, dataset.labels), logits
 
 
+def starting_images(plain: PlainNet, train_set: TensorDataset, images: TensorDataset | None = None) -> TensorDataset:
+    """The images that calibrate QAT's starting spec: ``images`` if given; for a Fashion-MNIST
+    model the bundled calibration images; else the training set itself when it has at most
+    ``CALIBRATION_SAMPLE`` (256) images, or a class-stratified sample of about that many."""
+    if images is not None:
+        return images
+    if is_fashion_mnist_spec(plain.input_spec):
+        return calibration_images(plain.input_spec)
+    if len(train_set) <= CALIBRATION_SAMPLE:
+        return train_set
+    return stratified_subset(train_set, max(1, CALIBRATION_SAMPLE // (int(train_set.labels.max()) + 1)))
+
+
 def qat(
     plain: PlainNet,
-    spec: QuantSpec,
+    spec: QuantSpec | None,
     train_set: TensorDataset,
     eval_set: TensorDataset | None,
     config: QATConfig,
     out_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
+    *,
+    images: TensorDataset | None = None,
+    constraints: Constraints | str = "tensorrt",
+    weight_bits: int | None = None,
+    calibration: CalibrationConfig | str = "mse",
+    cache: Path | None | bool = None,
 ) -> tuple[PlainNet, QuantSpec, dict]:
-    """Fine-tune ``plain`` under ``spec`` (from calibration) on ``train_set``, distilling from
-    ``plain`` itself. Checkpoints ``out_dir/last.pt`` every epoch (``resume`` continues from it);
-    at the end writes ``out_dir/model.safetensors`` (a deploy-form RepVGG checkpoint of the
-    fine-tuned PlainNet) and ``out_dir/quant_spec.json``. Returns that PlainNet, its spec and
-    metrics: ``history``, and with ``eval_set`` on rank 0 the top-1 of the FP32 net, of PTQ
-    (IntegerNet of the input spec), of QAT (IntegerNet of the result) and ``emulation_agreement``,
-    the top-1 agreement of the fake-quant forward with that IntegerNet (the check that the spec
-    describes what was trained)."""
-    from edgerepvgg.quant.calibrate import save_spec
+    """Fine-tune ``plain`` under ``spec`` on ``train_set``, distilling from ``plain`` itself.
 
+    Without a ``spec`` the starting spec is calibrated here (on rank 0, then shared): on
+    :func:`starting_images` (``images`` if given), for ``constraints`` (a :class:`Constraints` or
+    a constraint-set name; ``weight_bits`` overrides its weight width) under ``calibration``,
+    through the statistics cache unless ``cache=False``. The keyword arguments are ignored when a
+    spec is given.
+
+    Checkpoints ``out_dir/last.pt`` every epoch (``resume`` continues from it); at the end writes
+    ``out_dir/model.safetensors`` (a deploy-form RepVGG checkpoint of the fine-tuned PlainNet) and
+    ``out_dir/quant_spec.json``. Returns that PlainNet, its spec and metrics: ``start`` (where
+    the starting spec came from, in words), ``history``, and with ``eval_set`` on rank 0 those of
+    :func:`qat_metrics`."""
     out_dir, state_path = Path(out_dir), Path(out_dir) / STATE_FILE
     dist = init_distributed()
     dist.per_rank_batch(config.batch_size)
+    if spec is None:
+        calib = starting_images(plain, train_set, images)
+        calib_config = CalibrationConfig.of(calibration)
+        target = resolve_constraints(constraints, weight_bits)
+        start = f"calibration on {len(calib)} images of {calib.source} ({calib_config.method})"
+        if dist.main:
+            spec = calibrate(plain, calib, target, calib_config, progress=progress, cache=cache)
+    else:
+        start = "the given QuantSpec"
     spec = dist.broadcast(spec)  # every rank trains with rank 0's spec, however it calibrated
-    source = {"model_hash": model_hash(plain), "spec_sha256": spec.sha256}
-    if spec.model_hash != source["model_hash"]:
-        raise UserError("the QuantSpec was made for another model; calibrate this one first")
+    require_spec_for(plain, spec)
+    source = {"model_hash": spec.model_hash, "spec_sha256": spec.sha256}
     if not train_set.labelled:
         raise UserError(f"{train_set.source} is not labelled; QAT needs labelled training images")
     if int(train_set.labels.max()) >= plain.num_classes:
@@ -366,18 +405,7 @@ def qat(
     stats = conv_statistics(teacher, _sample(train_set, config.stats_images, config.seed).to(dist.device))
     net = QATNet(plain, spec, stats, config.learn_scales).to(dist.device)
     opt = make_optimizer(net, config)
-    history: list[dict] = []
-    start = 0
-    if resume:
-        if not state_path.is_file():
-            raise UserError(f"nothing to resume: {state_path} does not exist; run without --resume")
-        state = _load_state(state_path, config)
-        if state.get("source") != source:
-            raise UserError(f"{state_path} was written for another model or QuantSpec; use the same ones or another --out")
-        net.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        start, history = state["epoch"], list(state["history"])
-        log.info("resumed from %s after epoch %d", state_path, start)
+    start_epoch, history = resume_run(state_path, config, net, opt, source) if resume else (0, [])
     model = dist.wrap(net)
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -394,20 +422,20 @@ def qat(
         return {"eval_top1": _top1(run_net, eval_set)[0]}
 
     def save(epoch: int, history: list[dict]) -> None:
-        _save_state(state_path, net, opt, epoch, config, history, source=source)
+        save_state(state_path, net, opt, epoch, config, history, source=source)
 
-    history = run_epochs(model, opt, config, train_set, step, start, history, evaluate if eval_set is not None else None,
-                         save, dist, progress)  # fmt: skip
+    history = run_epochs(model, opt, config, train_set, step, start_epoch, history,
+                         evaluate if eval_set is not None else None, save, dist, progress)  # fmt: skip
     net.eval()
     fine, fine_spec = net.export()
     fine_spec = replace(fine_spec, calibration={**spec.calibration, "qat": {
         "config": asdict(config), "initial_model_hash": spec.model_hash, "initial_spec_sha256": spec.sha256,
         "train_set": train_set.source}})  # fmt: skip
-    metrics: dict = {"history": history}
+    metrics: dict = {"start": start, "history": history}
     if not dist.main:
         return fine, fine_spec, metrics
     if eval_set is not None:
-        metrics.update(compare(plain, spec, fine, fine_spec, run_net, eval_set))
+        metrics.update(qat_metrics(plain, spec, fine, fine_spec, run_net, eval_set))
     extra = {"qat": {**{k: v for k, v in metrics.items() if k != "history"}, "config": asdict(config),
                      "history": history, "initial_spec_sha256": spec.sha256, "calibration": spec.calibration,
                      "train_set": train_set.source}, "quant_spec_sha256": fine_spec.sha256}  # fmt: skip
@@ -417,9 +445,11 @@ def qat(
     return fine, fine_spec, metrics
 
 
-def compare(plain: PlainNet, spec: QuantSpec, fine: PlainNet, fine_spec: QuantSpec, fake_quant, eval_set: TensorDataset) -> dict:
+def qat_metrics(plain: PlainNet, spec: QuantSpec, fine: PlainNet, fine_spec: QuantSpec, fake_quant,
+                eval_set: TensorDataset) -> dict:  # fmt: skip
     """Top-1 on ``eval_set`` of the FP32 net, of PTQ and of QAT (both as integer emulation), and
-    the top-1 agreement of the fake-quant model ``fake_quant`` with the QAT integer emulation."""
+    ``emulation_agreement``, the top-1 agreement of the fake-quant model ``fake_quant`` with the
+    QAT integer emulation (the check that the exported spec describes what was trained)."""
     log.info("evaluating FP32, PTQ and QAT on %d images of %s", len(eval_set), eval_set.source)
     out = {"fp32_top1": _top1(plain, eval_set)[0], "ptq_top1": _top1(IntegerNet(plain, spec), eval_set)[0]}
     out["qat_top1"], int_logits = _top1(IntegerNet(fine, fine_spec), eval_set)
