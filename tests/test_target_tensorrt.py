@@ -1,6 +1,8 @@
-"""TensorRT target: the explicit-quantization checker on good and deliberately broken Q/DQ graphs,
-compile without TensorRT (ONNX + build_engine.sh + an honest info), the emulated runner against
-IntegerNet, and engine build/run tests that run only where TensorRT and a CUDA GPU exist."""
+"""TensorRT target: the explicit-quantization checker (targets/qdq_rules.py) on good and deliberately
+broken Q/DQ graphs, compile without TensorRT (ONNX + build_engine.sh + an honest info), the emulated
+runner against IntegerNet quantizer by quantizer, and engine build/run tests that run only where
+TensorRT and a CUDA GPU exist. What every target must do (refusals, metadata, atomic writes, the
+bundled model) is in test_target_conformance.py."""
 
 from __future__ import annotations
 
@@ -23,16 +25,11 @@ from edgerepvgg.targets.onnx_graph import build_model, read_metadata
 from edgerepvgg.targets.qdq_rules import Violation, check_explicit_quantization, quantized_layers, require_explicit_quantization
 from edgerepvgg.targets.tensorrt import NOT_INSTALLED, EmulatedTensorRTRunner, TensorRTTarget, summarize_layers, trtexec_command
 
-from quant_helpers import minmax_spec, tiny_plain
+from quant_helpers import minmax_spec
 
 TRT_REASON = TensorRTTarget().available()
 needs_engine = pytest.mark.skipif(TRT_REASON is not None, reason=f"no TensorRT engine can be built here: {TRT_REASON}")
 without_engine = pytest.mark.skipif(TRT_REASON is None, reason="TensorRT and a GPU are here; the no-engine path is not taken")
-
-
-@pytest.fixture(scope="module")
-def plain():
-    return tiny_plain(size=16, classes=5)
 
 
 @pytest.fixture(scope="module")
@@ -274,14 +271,17 @@ def test_compile_refuses_a_spec_tensorrt_cannot_build_and_writes_nothing(plain, 
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_compile_checks_its_arguments(plain, trt_spec, tmp_path):
-    t = TensorRTTarget()
-    with pytest.raises(UserError, match="needs a QuantSpec"):
-        t.compile(plain, None, tmp_path, "int8")
-    with pytest.raises(UserError, match="not 'int4'"):
-        t.compile(plain, trt_spec, tmp_path, "int4")
+def test_compile_refuses_a_profile_out_of_order(plain, trt_spec, tmp_path):
     with pytest.raises(UserError, match="min <= opt <= max"):
-        t.compile(plain, trt_spec, tmp_path, "int8", profile=(8, 1, 32))
+        TensorRTTarget().compile(plain, trt_spec, tmp_path, "int8", profile=(8, 1, 32))
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_fixed_batch_becomes_a_single_shape_profile(plain, trt_spec, tmp_path):
+    art = TensorRTTarget().compile(plain, trt_spec, tmp_path, "int8", batch=4, profile=(1, 8, 32))
+    assert art.info["batch"] == {"min": 4, "opt": 4, "max": 4}
+    script = (tmp_path / "build_engine.sh").read_text()
+    assert "--minShapes=input:4x1x16x16" in script and "--maxShapes=input:4x1x16x16" in script
 
 
 @without_engine
@@ -330,28 +330,6 @@ def test_emulated_runner_matches_integer_net_on_a_tiny_model(plain, trt_spec, tm
     else:  # a rounding tie, not a different function: one step, on a handful of values
         assert diffs[first].max() == 1 and diffs[first].sum() <= max(3, diffs[first].size // 10_000), (first, diffs[first].sum())
         assert a.cosine > 0.9999 and a.max_abs < 0.05 * float(ref.abs().max()), a
-
-
-@without_engine
-@pytest.mark.slow
-def test_emulated_runner_matches_integer_net_on_the_bundled_model(tmp_path, one_thread):
-    from edgerepvgg import fuse, load_checkpoint
-    from edgerepvgg.data import bundled_calibration_dir, bundled_eval_dir, load_images, stratified_subset
-    from edgerepvgg.evaluate import predict
-    from edgerepvgg.quant.calibrate import calibrate
-
-    model, meta = load_checkpoint()
-    plain, _ = fuse(model, meta.input_spec)
-    calib = load_images(bundled_calibration_dir(), plain.input_spec)
-    spec = calibrate(plain, calib, constraints_for("tensorrt"), "minmax", progress=False, cache=False)
-    t = TensorRTTarget()
-    runner = t.load(t.compile(plain, spec, tmp_path, "int8"), threads=1)
-    assert runner.emulated is True
-    evals = stratified_subset(load_images(bundled_eval_dir(), plain.input_spec), per_class=30)
-    assert len(evals) == 300
-    a = agreement(predict(runner, evals), predict(IntegerNet(plain, spec), evals))
-    assert a.top1 >= 0.995, a
-    assert a.cosine > 0.9999, a
 
 
 # ---------------------------------------------------------------------------------------------

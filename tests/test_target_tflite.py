@@ -1,5 +1,7 @@
 """TFLite target: the flatbuffer written from PlainNet + QuantSpec, read back with the schema
-bindings, and its numerics in LiteRT against the FP32 PlainNet and the integer referee."""
+bindings, and its numerics in LiteRT against PyTorch's padding and the integer referee. What every
+target must do (FP32 equal to PlainNet, refusals, metadata, the bundled model) is in
+test_target_conformance.py."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.targets import get_target
 from edgerepvgg.targets.tflite import TFLiteTarget, read_metadata, read_model
 
+from helpers import random_batch
 from quant_helpers import minmax_spec, tiny_plain
 
 REASON = TFLiteTarget().available()
@@ -86,11 +89,6 @@ def tiny():
     plain = tiny_plain(seed=1, size=16, classes=5)
     spec = minmax_spec(plain, TFLITE, plain.example_input(16))
     return plain, spec
-
-
-def _inputs(plain: PlainNet, n: int, seed: int = 0) -> torch.Tensor:
-    s = plain.input_spec
-    return torch.randn(n, s.channels, s.size, s.size, generator=torch.Generator().manual_seed(seed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,39 +211,28 @@ def test_fp32_graph_has_no_quantization(tiny, tmp_path):
 # Numerics
 
 
-def test_fp32_matches_plain_net(tiny, tmp_path):
-    plain, _ = tiny
-    runner = TFLiteTarget().load(TFLiteTarget().compile(plain, None, tmp_path), threads=1)
-    x = _inputs(plain, 8)
-    with torch.no_grad():
-        expected = plain(x).numpy()
-    got = runner(x.numpy())
-    assert got.dtype == np.float32 and got.shape == (8, 5)
-    np.testing.assert_allclose(got, expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
-
-
 def test_fp32_pads_like_pytorch_at_odd_sizes_and_grouped_convs(tmp_path):
     """Stride-2 convs on odd and even sizes and grouped convs (B-g2/g4 variants) all match PyTorch."""
     torch.manual_seed(0)
     convs = [nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1, groups=2), nn.Conv2d(8, 16, 3, 2, 1, groups=4), nn.Conv2d(16, 16, 3, 2, 1)]
     plain = PlainNet(convs, nn.Linear(16, 4), InputSpec(size=15, resize=15)).eval()
-    x = _inputs(plain, 4)
+    x = random_batch(plain, 4)
     with torch.no_grad():
-        expected = plain(x).numpy()
+        expected = plain(torch.from_numpy(x)).numpy()
     runner = TFLiteTarget().load(TFLiteTarget().compile(plain, None, tmp_path / "fp"), threads=1)
-    np.testing.assert_allclose(runner(x.numpy()), expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
-    spec = minmax_spec(plain, TFLITE, x)
+    np.testing.assert_allclose(runner(x), expected, atol=1e-4 * np.abs(expected).max(), rtol=0)
+    spec = minmax_spec(plain, TFLITE, torch.from_numpy(x))
     runner = TFLiteTarget().load(TFLiteTarget().compile(plain, spec, tmp_path / "i8", "int8"), threads=1)
-    ref = IntegerNet(plain, spec)(x).numpy()
-    np.testing.assert_allclose(runner(x.numpy()), ref, atol=spec.output.scale[0] * 1.01, rtol=0)
+    ref = IntegerNet(plain, spec)(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(runner(x), ref, atol=spec.output.scale[0] * 1.01, rtol=0)
 
 
 def test_int8_computes_the_integer_net(tiny, tmp_path):
     plain, spec = tiny
     runner = TFLiteTarget().load(TFLiteTarget().compile(plain, spec, tmp_path, "int8"), threads=1)
-    x = _inputs(plain, 64, seed=3)
-    ref = IntegerNet(plain, spec)(x).numpy()
-    got = runner(x.numpy())
+    x = random_batch(plain, 64, seed=3)
+    ref = IntegerNet(plain, spec)(torch.from_numpy(x)).numpy()
+    got = runner(x)
     steps = np.round((got - ref) / spec.output.scale[0])
     # Same integers except where a value lands on a rounding boundary somewhere in 22 layers.
     assert (steps == 0).mean() >= 0.95, np.unique(steps, return_counts=True)
@@ -264,7 +251,7 @@ def test_int8_io_round_trip(tiny, tmp_path):
     assert_quant(inp, spec.layers[0].input)
     assert_quant(out, spec.output)
     assert read_metadata(io.path)["int8_io"] is True
-    x = _inputs(plain, 6, seed=4).numpy()
+    x = random_batch(plain, 6, seed=4)
     float_io = target.load(target.compile(plain, spec, tmp_path / "f", "int8"), threads=1)(x)
     got = target.load(io, threads=1)(x)
     assert got.dtype == np.float32
@@ -274,7 +261,7 @@ def test_int8_io_round_trip(tiny, tmp_path):
 def test_runner_resizes_the_batch_and_is_deterministic(tiny, tmp_path):
     plain, spec = tiny
     runner = TFLiteTarget().load(TFLiteTarget().compile(plain, spec, tmp_path, "int8"), threads=1)
-    x = _inputs(plain, 7, seed=5).numpy()
+    x = random_batch(plain, 7, seed=5)
     full = runner(x)
     assert full.shape == (7, 5)
     np.testing.assert_array_equal(runner(x[:3]), full[:3])
@@ -288,50 +275,14 @@ def test_runner_resizes_the_batch_and_is_deterministic(tiny, tmp_path):
 # Refusals (one-line UserErrors)
 
 
-def test_refusals(tiny, tmp_path):
+def test_specs_and_options_full_integer_tflite_cannot_build_are_refused(tiny, tmp_path):
     plain, spec = tiny
     t = TFLiteTarget()
-    with pytest.raises(UserError, match="needs a QuantSpec"):
-        t.compile(plain, None, tmp_path, "int8")
-    with pytest.raises(UserError, match="not 'fp16'"):
-        t.compile(plain, spec, tmp_path, "fp16")
     with pytest.raises(UserError, match="INT8 build"):
         t.compile(plain, None, tmp_path, "fp32", int8_io=True)
     mixed = replace(spec, layers=tuple(replace(ly, precision="float") if ly.name == "convs.3" else ly for ly in spec.layers))
     with pytest.raises(UserError, match="mixed precision"):
         t.compile(plain, mixed, tmp_path, "int8")
-    with pytest.raises(UserError, match="another model"):
-        t.compile(tiny_plain(seed=2, size=16, classes=5), spec, tmp_path, "int8")
     with pytest.raises(UserError, match="'tflite' constraint set"):
         t.compile(plain, minmax_spec(plain, constraints_for("openvino", host=False)), tmp_path, "int8")
     assert not (tmp_path / "model.tflite").exists()  # nothing written by a refused compile
-
-
-# ---------------------------------------------------------------------------------------------
-# The bundled model on the bundled evaluation images
-
-
-@pytest.mark.slow
-def test_bundled_model_int8_agrees_with_the_integer_net(tmp_path, one_thread):
-    from edgerepvgg.checkpoints import load_checkpoint
-    from edgerepvgg.data import bundled_eval_dir, calibration_images, evaluation_set
-    from edgerepvgg.evaluate import predict
-    from edgerepvgg._fuse import fuse
-    from edgerepvgg.quant.calibrate import calibrate
-
-    model, meta = load_checkpoint()
-    plain, _ = fuse(model, meta.input_spec)
-    spec = calibrate(plain, calibration_images(meta.input_spec), TFLITE, "minmax", progress=False, cache=False)
-    data = evaluation_set(meta.input_spec, bundled_eval_dir(), limit=300)
-    assert len(data) == 300
-    target = TFLiteTarget()
-    runner = target.load(target.compile(plain, spec, tmp_path, "int8"), threads=1)
-    got = predict(lambda x: runner(x.numpy()), data)
-    ref = predict(IntegerNet(plain, spec), data)
-    agreement = float((got.argmax(1) == ref.argmax(1)).double().mean())
-    assert agreement >= 0.995
-    steps = ((got - ref) / spec.output.scale[0]).round()
-    assert float((steps == 0).double().mean()) >= 0.99
-    accuracy = float((got.argmax(1) == data.labels).double().mean())
-    assert accuracy > 0.85  # the bundled model's FP32 top-1 is 92%: a wrong graph would not get here
-    assert read_metadata(runner.path)["class_names"] == list(meta.input_spec.class_names)
