@@ -22,6 +22,7 @@ from edgerepvgg._export import (
 )  # fmt: skip
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
+from edgerepvgg.io import claimed_output_dir
 from edgerepvgg.evaluate import measure_latency, predict
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import Profile, resolve, shipped_profiles
@@ -207,6 +208,13 @@ def compare(
         chosen = resolve([str(p) for p in shipped_profiles()])
     if not chosen:
         raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
+    with claimed_output_dir(out_dir, "the comparison"):
+        return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
+                        eval_limit, strict, cache, progress)  # fmt: skip
+
+
+def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
+             threads, eval_limit, strict, cache, progress) -> Comparison:  # fmt: skip
     plain, loaded_train_model = resolve_model(model)
     train_model = train_model if train_model is not None else loaded_train_model
     if spec is not None:
@@ -220,7 +228,6 @@ def compare(
     if data is None:
         raise UserError("nothing to evaluate on: this model has no default test set; pass --eval-images DIR (labelled) "
                         "or --images DIR (agreement only)")  # fmt: skip
-    out_dir = Path(out_dir)
     n_convs = len(plain.convs)
     specs: dict[str, QuantSpec] = {}
     refs_by_spec: dict[str | None, References] = {}

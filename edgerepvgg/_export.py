@@ -25,7 +25,7 @@ from edgerepvgg.data import TensorDataset, calibration_images, evaluation_set
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, predict, topk_accuracy
 from edgerepvgg.inputs import is_fashion_mnist_spec
-from edgerepvgg.io import output_dir, write_text_atomic
+from edgerepvgg.io import claimed_output_dir, write_text_atomic
 from edgerepvgg.machine import machine_info
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import PRECISIONS, Profile, lookup
@@ -339,15 +339,20 @@ def export(
     if precision not in target.precisions:
         raise UserError(f"target {target.name!r} builds {', '.join(target.precisions)}, not {precision!r}")
     require_exportable(target)  # before the model is loaded and calibrated
+    out_dir = Path(out_dir or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
+    with claimed_output_dir(out_dir, "the artifact and report"):
+        return _export(model, target, out_dir, precision, spec, eval_set, images, calibration, options, refs, cache, progress)
+
+
+def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set, images, calibration,
+            options: ExportOptions, refs: References | None, cache, progress: bool) -> ExportReport:  # fmt: skip
     plain, _ = resolve_model(model)
     images = calibration_set(plain, images) if images is not None else None  # read once: calibration and fallback
     origin = ""
     if precision == "int8":
         spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
                                       options.weight_bits, cache, progress)  # fmt: skip
-    out_dir = Path(out_dir or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
     data = default_evaluation(plain, eval_set, images, options.eval_limit)
-    output_dir(out_dir, "the artifact and report")
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     runner = target.load(artifact, options.threads)
     if options.fixed_batch is not None:

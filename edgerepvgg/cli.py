@@ -192,26 +192,11 @@ def _write_json(path: str, data: dict | list) -> None:
 
 def cmd_info(args: argparse.Namespace) -> int:
     from edgerepvgg.checkpoints import describe, load_model
+    from edgerepvgg.report import info_text
 
     model, meta = load_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block)
     info = describe(model, meta, args.size)
-    form = "fused (deploy)" if meta.fused else "train-time"
-    print(f"model       {info['name']}  ({meta.block} blocks, {form}{', random weights' if meta.extra.get('random_weights') else ''})")
-    names = meta.input_spec.class_names
-    print(f"classes     {meta.num_classes}" + (f"  ({', '.join(names)})" if names else ""))
-    s = meta.input_spec
-    print(f"input       {s.channels}x{s.size}x{s.size}, resize {s.resize}, mean {list(s.mean)}, std {list(s.std)}")
-    params = f"{info['params_train']:,} train-time, {info['params_fused']:,} fused" if not meta.fused else f"{info['params_fused']:,}"
-    print(f"params      {params}")
-    print(f"MACs        {info['macs'] / 1e9:.3f} G at {info['size']}x{info['size']}")
-    for key in ("eval_top1", "eval_set"):
-        if key in meta.extra:
-            print(f"{key:<11} {meta.extra[key]}")
-    if args.layers:
-        print(f"\n{'layer':<10} {'in':>5} {'out':>5} {'stride':>6} {'groups':>6} {'out size':>8} {'MMACs':>9}")
-        for r in info["layers"]:
-            side = f"{r['out_size']:>4}x{r['out_size']:<3}" if r["name"] != "head" else ""
-            print(f"{r['name']:<10} {r['in']:>5} {r['out']:>5} {r.get('stride', ''):>6} {r.get('groups', ''):>6} {side:>8} {r['macs'] / 1e6:>9.2f}")
+    print(info_text(info, meta, layers=args.layers))
     if args.output:
         _write_json(args.output, {**info, "meta": json.loads(meta.to_json())})
     return EXIT_OK
@@ -263,14 +248,19 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
+    from edgerepvgg.io import claimed_output_dir
+
+    with claimed_output_dir(args.output, "analysis.json and analysis.png"):
+        return _analyze(args)
+
+
+def _analyze(args: argparse.Namespace) -> int:
     from edgerepvgg._export import calibration_set
     from edgerepvgg.data import evaluation_set
-    from edgerepvgg.io import output_dir
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.analysis import analyze
     from edgerepvgg.quant.analysis_report import TABLE_LEGEND, summary, table, write
 
-    output_dir(args.output, "analysis.json and analysis.png")
     plain, _ = _plain(args)
     images = calibration_set(plain, args.images)
     eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
@@ -343,8 +333,9 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgerepvgg._export import REPORT_FILE, ExportOptions, export, resolve_target
+    from edgerepvgg.report import export_text
 
-    target, _ = resolve_target(args.target)  # an unknown target fails before the model is read
+    resolve_target(args.target)  # an unknown target fails before the model is read
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
                             fixed_batch=args.fixed_batch, constraints=args.constraints, weight_bits=args.weight_bits,
                             eval_limit=args.eval_limit)  # fmt: skip
@@ -352,26 +343,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
                     False if args.no_eval else args.eval_images, images=args.images, calibration=_calibration(args),
                     options=options, cache=_cache(args), progress=not args.quiet)  # fmt: skip
-    origin = report.quant.get("origin")
-    print(f"{report.target} {report.precision}: {report.artifact_path} ({report.artifact['size_bytes'] / 1e6:.2f} MB)" + (f"; {origin}" if origin else ""))
-    for key, value in report.artifact["info"].items():
-        if key in ("convs", "int8_convs", "float_convs", "qdq_check", "engine_built", "trtexec"):
-            print(f"  {key}: {value}")
-    acc = report.accuracy
-    if acc is not None:
-        label = " (emulated: ONNX Runtime, not a TensorRT engine)" if report.emulated else ""
-        print(f"accuracy on {acc.images} images of {acc.source}{label}:")
-        if acc.labelled:
-            print(f"  top-1 {_pct(acc.top1)} ({acc.delta_top1:+.2f} pt vs FP32 {_pct(acc.fp32_top1)}), top-5 {_pct(acc.top5)}")
-        print(f"  agreement with FP32: top-1 {_pct(acc.vs_fp32.top1)}, cosine {acc.vs_fp32.cosine:.5f}")
-        if acc.vs_emulation is not None:
-            e = acc.vs_emulation
-            print(f"  agreement with the INT8 emulation: top-1 {_pct(e.top1)}, cosine {e.cosine:.6f}, max |diff| {e.max_abs:.3g}")
-    for name, lat in report.latency.items():
-        print(f"latency {name}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms ({lat.throughput:.0f} images/s, {lat.runs} runs)")
-    for note in report.notes:
-        print(f"note: {note}")
-    print(f"wrote {report.out_dir / REPORT_FILE} ({target.name})")
+    print(export_text(report))
+    print(f"wrote {report.out_dir / REPORT_FILE}")
     return EXIT_OK
 
 
@@ -531,6 +504,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"edgerepvgg {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except BrokenPipeError:  # the reader stopped early (| head): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except KeyboardInterrupt:
         print(f"edgerepvgg {args.command}: interrupted; artifacts already written are complete, the rest were not written", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -58,3 +58,22 @@ def output_dir(path: str | Path, what: str = "the output") -> Path:
     except OSError as exc:
         raise UserError(f"cannot create the folder {path} for {what}: {exc.strerror or exc}; pass -o a writable folder") from None
     return path
+
+
+@contextlib.contextmanager
+def claimed_output_dir(path: str | Path, what: str = "the output") -> Iterator[Path]:
+    """:func:`output_dir` before any work starts (a folder that cannot be created fails at once),
+    and, if the work then fails, the folders created here removed again while still empty: a
+    failed command leaves nothing behind."""
+    path = Path(path)
+    created = [p for p in (path, *path.parents) if not p.exists()]
+    output_dir(path, what)
+    try:
+        yield path
+    except BaseException:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:  # not empty (something was written) or not ours to remove
+                break
+        raise

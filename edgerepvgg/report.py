@@ -1,4 +1,5 @@
-"""The comparison table as a person reads it: console text, JSON, CSV, Markdown and a plot."""
+"""Results as a person reads them: a model's description, one export's report, and the comparison
+table as console text, JSON, CSV, Markdown and a plot. Only rendering: the figures come computed."""
 
 from __future__ import annotations
 
@@ -16,6 +17,55 @@ from edgerepvgg.machine import machine_info
 
 if TYPE_CHECKING:
     from edgerepvgg._compare import Comparison
+    from edgerepvgg._export import ExportReport
+    from edgerepvgg.checkpoints import ModelMeta
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}%"
+
+
+def info_text(info: dict, meta: "ModelMeta", layers: bool = False) -> str:
+    """What ``edgerepvgg info`` prints: :func:`edgerepvgg.checkpoints.describe` as text."""
+    form = "fused (deploy)" if meta.fused else "train-time"
+    random = ", random weights" if meta.extra.get("random_weights") else ""
+    s, names = meta.input_spec, meta.input_spec.class_names
+    params = f"{info['params_fused']:,}" if meta.fused else f"{info['params_train']:,} train-time, {info['params_fused']:,} fused"
+    lines = [f"model       {info['name']}  ({meta.block} blocks, {form}{random})",
+             f"classes     {meta.num_classes}" + (f"  ({', '.join(names)})" if names else ""),
+             f"input       {s.channels}x{s.size}x{s.size}, resize {s.resize}, mean {list(s.mean)}, std {list(s.std)}",
+             f"params      {params}", f"MACs        {info['macs'] / 1e9:.3f} G at {info['size']}x{info['size']}",
+             *(f"{key:<11} {meta.extra[key]}" for key in ("eval_top1", "eval_set") if key in meta.extra)]  # fmt: skip
+    if layers:
+        lines += ["", f"{'layer':<10} {'in':>5} {'out':>5} {'stride':>6} {'groups':>6} {'out size':>8} {'MMACs':>9}"]
+        for r in info["layers"]:
+            side = f"{r['out_size']:>4}x{r['out_size']:<3}" if r["name"] != "head" else ""
+            lines.append(f"{r['name']:<10} {r['in']:>5} {r['out']:>5} {r.get('stride', ''):>6} {r.get('groups', ''):>6} {side:>8} {r['macs'] / 1e6:>9.2f}")
+    return "\n".join(lines)
+
+
+_ARTIFACT_FACTS = ("convs", "int8_convs", "float_convs", "qdq_check", "engine_built", "trtexec")
+
+
+def export_text(report: "ExportReport") -> str:
+    """What ``edgerepvgg export`` prints: the artifact, its accuracy check, its latency, notes."""
+    origin = report.quant.get("origin")
+    size = report.artifact["size_bytes"] / 1e6
+    lines = [f"{report.target} {report.precision}: {report.artifact_path} ({size:.2f} MB)" + (f"; {origin}" if origin else "")]
+    lines += [f"  {k}: {v}" for k, v in report.artifact["info"].items() if k in _ARTIFACT_FACTS]
+    acc = report.accuracy
+    if acc is not None:
+        label = " (emulated: ONNX Runtime, not a TensorRT engine)" if report.emulated else ""
+        lines.append(f"accuracy on {acc.images} images of {acc.source}{label}:")
+        if acc.labelled:
+            lines.append(f"  top-1 {_pct(acc.top1)} ({acc.delta_top1:+.2f} pt vs FP32 {_pct(acc.fp32_top1)}), top-5 {_pct(acc.top5)}")
+        lines.append(f"  agreement with FP32: top-1 {_pct(acc.vs_fp32.top1)}, cosine {acc.vs_fp32.cosine:.5f}")
+        if (e := acc.vs_emulation) is not None:
+            lines.append(f"  agreement with the INT8 emulation: top-1 {_pct(e.top1)}, cosine {e.cosine:.6f}, max |diff| {e.max_abs:.3g}")
+    for name, lat in report.latency.items():
+        lines.append(f"latency {name}: p50 {lat.p50_ms:.3f} ms, p90 {lat.p90_ms:.3f} ms ({lat.throughput:.0f} images/s, {lat.runs} runs)")
+    lines += [f"note: {note}" for note in report.notes]
+    return "\n".join(lines)
 
 
 def _fmt(v, kind: str) -> str:

@@ -210,11 +210,7 @@ def test_an_output_folder_that_cannot_be_created_is_one_line_naming_it(argv, cli
     _empty(tmp_path)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="compare calibrates, evaluates and draws its progress bar on stderr before it finds "
-                                       "that -o cannot be created: the error is the last of 7 stderr lines")  # fmt: skip
 def test_compare_into_a_folder_that_cannot_be_created_is_one_line_naming_it(cli, monkeypatch, tmp_path):
-    """Slow (about 70 s on 2 cores) while compare does all its work before it looks at -o."""
     monkeypatch.chdir(tmp_path)
     code, out, err = cli("compare", "--targets", "onnxruntime", "--eval-limit", "10", "-o", UNREADABLE)
     assert code == EXIT_USAGE, err
@@ -223,7 +219,6 @@ def test_compare_into_a_folder_that_cannot_be_created_is_one_line_naming_it(cli,
     _empty(tmp_path)
 
 
-@pytest.mark.xfail(strict=True, reason="compare checks -o only when it writes, after calibrating and evaluating every target")
 def test_compare_refuses_a_folder_that_cannot_be_created_before_any_work(cli, monkeypatch, tmp_path):
     import edgerepvgg._compare as compare_module
 

@@ -236,3 +236,10 @@ def test_cli_export_of_a_foreign_checkpoint_without_labels_is_agreement_only(cli
     assert "random weights" in caplog.text  # a variant name builds an untrained model, and says so
     assert "no labels: agreement only" in out and "agreement with the INT8 emulation" in out
     assert not any(line.startswith("  top-1") for line in out.splitlines())  # no labels, no top-1
+
+
+def test_a_failed_export_leaves_no_folder_behind(cli, tmp_path):
+    out = tmp_path / "new" / "out"
+    code, _, err = cli("export", str(tmp_path / "missing.pth"), "--target", "onnxruntime", "-o", str(out))
+    assert code == 2 and "not found" in err
+    assert not (tmp_path / "new").exists()  # the folders export created for itself are gone again

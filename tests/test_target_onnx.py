@@ -132,7 +132,11 @@ def test_float_layer_of_a_mixed_spec_has_no_quantizers(plain):
 
 @pytest.mark.parametrize("name", ["onnxruntime", "openvino", "tflite"])
 def test_int_bias_graphs_in_onnx_runtime_match_the_integer_net(plain, x, name):
-    spec = minmax_spec(plain, constraints_for(name, weight_bits=8), x)
+    """With weights this CPU's integer kernels hold exactly: 8 bits saturate ORT's int16
+    intermediate on x86 without VNNI (7 bits are exact there), which is why the CPU schemes drop to 7."""
+    from edgerepvgg.machine import needs_reduced_weight_range
+
+    spec = minmax_spec(plain, constraints_for(name, weight_bits=7 if needs_reduced_weight_range() else 8), x)
     got = OnnxRuntimeRunner(build_model(plain, spec).SerializeToString(), threads=1)(x.numpy())
     ref = IntegerNet(plain, spec)(x).numpy()
     assert (got.argmax(1) == ref.argmax(1)).all()
