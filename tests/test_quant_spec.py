@@ -143,6 +143,8 @@ def test_resolve_constraints_takes_a_name_or_a_value_and_checks_bits_the_same_wa
     assert resolve_constraints(c, weight_bits=6).weight.bits == 6
     with pytest.raises(UserError, match="between 2 and 8, got 20"):
         resolve_constraints(c, weight_bits=20)
+    with pytest.raises(TypeError, match="a Constraints or a constraint-set name"):
+        resolve_constraints(None)  # a caller's bug, not a user's mistake
 
 
 def test_require_spec_for_is_the_one_check_and_uses_the_model_layer_names():

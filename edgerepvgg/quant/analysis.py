@@ -422,18 +422,6 @@ def analyze(
     return result
 
 
-def __getattr__(name: str):
-    """The rendering names this module held before :mod:`edgerepvgg.quant.analysis_report`
-    (``table``, ``TABLE_LEGEND``, ``summary``, ``plot``, ``write``), for callers not yet moved."""
-    if name in _MOVED:
-        from edgerepvgg.quant import analysis_report
-
-        return getattr(analysis_report, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-_MOVED = ("TABLE_LEGEND", "plot", "summary", "table", "write")
-
 __all__ = [
     "Analysis", "ActivationStats", "LayerAnalysis", "Sensitivity", "WeightStats", "analyze", "channel_range_ratio",
     "channel_sqnr_db", "excess_kurtosis", "integer_top1", "layer_sensitivity", "outlier_share", "quantized_only",

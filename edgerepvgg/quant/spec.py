@@ -130,6 +130,8 @@ def resolve_constraints(constraints: Constraints | str, weight_bits: int | None 
     host); ``weight_bits`` (2..8) overrides the weight width of either."""
     if isinstance(constraints, str):
         return constraints_for(constraints, weight_bits=weight_bits)
+    if not isinstance(constraints, Constraints):
+        raise TypeError(f"constraints must be a Constraints or a constraint-set name, got {constraints!r}")
     if weight_bits is None or weight_bits == constraints.weight.bits:
         return constraints
     _check_weight_bits(weight_bits)
