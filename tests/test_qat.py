@@ -76,11 +76,13 @@ def top1(fn, ds: TensorDataset) -> float:
 def test_qat_recovers_what_ptq_loses(trained, tmp_path, learn):
     plain, _, train_set, eval_set = trained
     spec = calibrate(plain, train_set, W5A5, "minmax", progress=False, cache=False)
-    config = QATConfig(epochs=1, lr=1e-4, learn_scales=learn, **FAST)
+    # Two epochs at 3e-4: one at 1e-4 won it back on one CPU (AVX-512) and not on another (0.65 on
+    # AVX2), where float kernels differ; here QAT measured 0.98-0.99 from PTQ's 0.70 on the latter.
+    config = QATConfig(epochs=2, lr=3e-4, learn_scales=learn, **FAST)
     fine, fine_spec, m = qat(plain, spec, train_set, eval_set, config, tmp_path, progress=False)
     assert m["fp32_top1"] == 1.0
-    assert m["ptq_top1"] <= 0.7, m  # the coarse grid hurts ...
-    assert m["qat_top1"] >= 0.9, m  # ... and one epoch of fine-tuning wins it back
+    assert m["ptq_top1"] <= 0.8, m  # the coarse grid hurts ...
+    assert m["qat_top1"] >= 0.9 and m["qat_top1"] >= m["ptq_top1"] + 0.15, m  # ... and fine-tuning wins it back
     # The reported numbers are the integer emulation of the returned PlainNet + spec ...
     assert top1(IntegerNet(fine, fine_spec), eval_set) == m["qat_top1"]
     assert m["emulation_agreement"] >= 0.99
