@@ -243,6 +243,22 @@ def _relative(path: str | Path, root: Path) -> str:
         return str(path)
 
 
+def _relative_tree(obj, root: Path):
+    """``obj`` (JSON-like) with every mention of a file under ``root`` made relative to ``root``:
+    whole paths and paths inside strings such as a build command."""
+    prefixes = sorted({f"{root.resolve()}{os.sep}", f"{root}{os.sep}"}, key=len, reverse=True)
+    if isinstance(obj, dict):
+        return {k: _relative_tree(v, root) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_relative_tree(v, root) for v in obj]
+    if isinstance(obj, Path):
+        obj = str(obj)
+    if isinstance(obj, str):
+        for prefix in prefixes:
+            obj = obj.replace(prefix, "")
+    return obj
+
+
 @dataclass(frozen=True)
 class ExportReport:
     """What ``export`` did and measured. ``emulated`` is True when no engine of the target ran
@@ -380,9 +396,9 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     if spec is not None:
         quant = {"constraints": spec.constraints.name, "spec_sha256": spec.sha256, "calibration": spec.calibration,
                  "origin": origin, "float_layers": [layer.name for layer in spec.layers if layer.precision == "float"]}  # fmt: skip
-    artifact_dict = artifact.to_dict()
-    artifact_dict["path"] = _relative(artifact_dict["path"], out_dir)
-    artifact_dict["files"] = [_relative(f, out_dir) for f in artifact_dict["files"]]
+    artifact_dict = _relative_tree(artifact.to_dict(), out_dir)
+    artifact_dict["path"] = _relative(artifact.path, out_dir)
+    artifact_dict["files"] = [_relative(f, out_dir) for f in artifact.files]
     report = ExportReport(target.name, precision, artifact_dict, accuracy, timings, emulated, quant, tuple(notes), out_dir)
     write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
     return report

@@ -9,11 +9,17 @@ profiles live in the top-level ``targets/`` folder (packaged as ``edgerepvgg/_pr
 from __future__ import annotations
 
 import platform
-import tomllib
+import re
+import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from edgerepvgg.errors import UserError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # Python 3.10 (JetPack 6): the same parser, from PyPI
+    import tomli as tomllib
 
 _PROFILES = Path(__file__).resolve().parent / "_profiles"  # symlink to ../targets in a checkout
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -43,6 +49,8 @@ class Profile:
     input_size: int | None = None  # the model's input side this profile is sized for (checked)
     constraints: str | None = None  # default: the backend's own constraint set
     weight_bits: int | None = None
+    cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags (e.g. avx2, avx512_vnni); None: this host's
+    tensorrt_version: str | None = None  # the device's TensorRT, e.g. "8.6" (JetPack 6.0) or "10.3"
     gates: Gates = field(default_factory=Gates)
     source: str = "built-in"
 
@@ -56,7 +64,9 @@ def _arch(name: str) -> str:
 
 
 _TYPES = {"name": str, "backend": str, "precision": str, "device": str, "arch": str, "threads": int, "batch": int,
-          "input_size": int, "constraints": str, "weight_bits": int}  # fmt: skip
+          "input_size": int, "constraints": str, "weight_bits": int, "cpu_flags": list, "tensorrt_version": str}  # fmt: skip
+_TYPE_NAMES = {int: "an integer", str: "a string", list: "a list of strings"}
+_VERSION = re.compile(r"^\d+(\.\d+){0,2}$")
 _GATE_KEYS = {f.name for f in fields(Gates)}
 
 
@@ -90,15 +100,21 @@ def load_profile(path: str | Path) -> Profile:
             continue
         if key not in _TYPES:
             raise _bad(path, key, f"is unknown (known: {', '.join([*_TYPES, 'gates'])})")
-        if isinstance(value, bool) or not isinstance(value, _TYPES[key]):
-            raise _bad(path, key, f"must be {'an integer' if _TYPES[key] is int else 'a string'}, got {value!r}")
-        values[key] = value
+        if isinstance(value, bool) or not isinstance(value, _TYPES[key]) or (
+            isinstance(value, list) and not all(isinstance(v, str) for v in value)
+        ):
+            raise _bad(path, key, f"must be {_TYPE_NAMES[_TYPES[key]]}, got {value!r}")
+        values[key] = tuple(v.lower() for v in value) if isinstance(value, list) else value
     if "backend" not in values:
         raise _bad(path, "backend", f"is missing (one of {', '.join(target_names())})")
     if values["backend"] not in target_names():
         raise _bad(path, "backend", f"names an unknown target {values['backend']!r} (one of {', '.join(target_names())})")
     if values.get("precision", "int8") not in PRECISIONS:
         raise _bad(path, "precision", f"must be one of {', '.join(PRECISIONS)}, got {values['precision']!r}")
+    if "tensorrt_version" in values and not _VERSION.match(values["tensorrt_version"]):
+        raise _bad(path, "tensorrt_version", f"must be a version such as \"8.6\" or \"10.3\", got {values['tensorrt_version']!r}")
+    if "weight_bits" in values and not 2 <= values["weight_bits"] <= 8:
+        raise _bad(path, "weight_bits", f"must be between 2 and 8, got {values['weight_bits']}")
     for key in ("threads", "batch", "input_size"):
         if key in values and values[key] < 1:
             raise _bad(path, key, f"must be at least 1, got {values[key]}")

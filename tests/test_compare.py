@@ -49,6 +49,10 @@ def test_every_shipped_profile_is_valid_and_names_a_known_backend():
         ('backend = "onnxruntime"\nbatch = 0\n', "batch"),
         ('backend = "onnxruntime"\n[gates]\nmax_delta_top1 = "1"\n', "gates.max_delta_top1"),
         ('backend = "onnxruntime"\n[gates]\nmin_top1 = 0.9\n', "gates.min_top1"),
+        ('backend = "tensorrt"\ntensorrt_version = "ten"\n', "tensorrt_version"),
+        ('backend = "openvino"\ncpu_flags = "avx2"\n', "cpu_flags"),
+        ('backend = "openvino"\ncpu_flags = ["avx2", 3]\n', "cpu_flags"),
+        ('backend = "openvino"\nweight_bits = 12\n', "weight_bits"),
     ],
 )
 def test_malformed_profile_names_file_and_field(tmp_path, text, field):
@@ -208,3 +212,11 @@ def test_plot_latency_tick_labels_never_overlap(latencies):
     plt.close(fig)
     assert len(boxes) >= 2  # the axis is labelled
     assert all(a.x1 <= b.x0 for a, b in zip(boxes, boxes[1:]))  # left to right, no two touching
+
+
+def test_a_profile_reads_the_device_cpu_flags_and_tensorrt_version(tmp_path):
+    path = tmp_path / "dev.toml"
+    path.write_text('backend = "tensorrt"\ntensorrt_version = "8.6"\n')
+    assert load_profile(path).tensorrt_version == "8.6"
+    path.write_text('backend = "openvino"\ncpu_flags = ["AVX2", "fma"]\n')
+    assert load_profile(path).cpu_flags == ("avx2", "fma")

@@ -243,3 +243,11 @@ def test_a_failed_export_leaves_no_folder_behind(cli, tmp_path):
     code, _, err = cli("export", str(tmp_path / "missing.pth"), "--target", "onnxruntime", "-o", str(out))
     assert code == 2 and "not found" in err
     assert not (tmp_path / "new").exists()  # the folders export created for itself are gone again
+
+
+def test_no_report_mentions_an_absolute_path_inside_its_folder(plain, tmp_path):
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    export(plain, "tensorrt", tmp_path / "trt", "int8", spec, eval_set=False, options=ExportOptions(latency=False))
+    text = (tmp_path / "trt" / REPORT_FILE).read_text()
+    assert str(tmp_path) not in text
+    assert json.loads(text)["artifact"]["path"] == "model.onnx"
