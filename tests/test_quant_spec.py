@@ -9,7 +9,6 @@ import torch
 
 from edgerepvgg import UserError
 from edgerepvgg.quant import CONSTRAINT_SETS, QuantSpec, Scheme, TensorQuant, constraints_for, qparams
-from edgerepvgg.quant.spec import needs_reduced_weight_range
 
 from quant_helpers import minmax_spec, tiny_plain
 
@@ -62,19 +61,84 @@ def test_constraint_sets_follow_the_targets():
     assert all(c.weight.per_channel and c.weight.symmetric for c in CONSTRAINT_SETS.values())
 
 
-def test_vnni_detection_decides_weight_bits(monkeypatch):
-    monkeypatch.setattr("platform.machine", lambda: "x86_64")
-    assert needs_reduced_weight_range({"avx2", "fma"})
-    assert not needs_reduced_weight_range({"avx2", "avx512_vnni"})
-    assert not needs_reduced_weight_range({"avx2", "avx_vnni"})
-    monkeypatch.setattr("edgerepvgg.quant.spec.needs_reduced_weight_range", lambda flags=None: True)
-    assert constraints_for("openvino").weight.bits == 7
-    assert constraints_for("tensorrt").weight.bits == 8  # a GPU target: the host CPU is irrelevant
-    assert constraints_for("openvino", weight_bits=8).weight.bits == 8  # the user overrides
-    monkeypatch.setattr("platform.machine", lambda: "aarch64")
-    monkeypatch.setattr("edgerepvgg.quant.spec.needs_reduced_weight_range",
-                        lambda flags=None: False)  # fmt: skip
+@pytest.fixture
+def host_cpu(monkeypatch):
+    """Make this host an x86 CPU with the given /proc/cpuinfo flags (None: nothing readable)."""
+    from edgerepvgg import machine
+
+    def set_flags(flags: str | None, arch: str = "x86_64") -> None:
+        monkeypatch.setattr("platform.machine", lambda: arch)
+        monkeypatch.setattr(machine, "_read_cpuinfo", lambda: None if flags is None else f"flags\t: {flags}\n")
+        monkeypatch.setattr(machine, "_numpy_cpu_features", lambda: None)
+        machine.host_features.cache_clear()
+
+    yield set_flags
+    machine.host_features.cache_clear()
+
+
+def test_the_7_bit_rule_is_a_field_of_the_cpu_constraint_sets():
+    narrow = {name for name, c in CONSTRAINT_SETS.items() if c.narrow_weights_without_vnni}
+    assert narrow == {"openvino", "onnxruntime"}
+
+
+@pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
+def test_host_without_vnni_gets_7_bit_weights_named_for_it(host_cpu, name):
+    host_cpu("fpu avx2 fma")
+    c = constraints_for(name)
+    assert (c.name, c.weight.bits) == (f"{name}-w7", 7)
+    host_cpu("fpu avx2 fma avx512_vnni")
+    assert constraints_for(name) == CONSTRAINT_SETS[name]
+
+
+def test_gpu_and_arm_sets_ignore_the_host_cpu(host_cpu):
+    host_cpu("fpu avx2 fma")
+    assert constraints_for("tensorrt").weight.bits == 8
+    assert constraints_for("tflite").weight.bits == 8
+
+
+def test_an_arm_host_keeps_8_bit_weights(host_cpu):
+    host_cpu("fp asimd", arch="aarch64")
     assert constraints_for("openvino").weight.bits == 8
+
+
+def test_an_unknown_host_gets_the_safe_7_bits(host_cpu):
+    host_cpu(None)
+    assert constraints_for("onnxruntime").weight.bits == 7
+
+
+def test_the_device_flags_decide_not_this_host(host_cpu):
+    host_cpu("fpu avx2 fma avx512_vnni")  # a VNNI build machine...
+    assert constraints_for("openvino", cpu_flags=("avx2", "fma")).name == "openvino-w7"  # ...for an older Xeon
+    host_cpu("fpu avx2 fma")  # a build machine without VNNI...
+    assert constraints_for("openvino", cpu_flags=("avx2", "avx512_vnni")).weight.bits == 8  # ...for a VNNI device
+    assert constraints_for("onnxruntime", cpu_flags=("neon", "asimd")).weight.bits == 8  # ...for an Arm device
+    assert constraints_for("openvino", cpu_flags=("avx2",), host=False).weight.bits == 7  # host=False: flags still decide
+
+
+def test_weight_bits_override_the_device_and_the_host(host_cpu):
+    host_cpu("fpu avx2")
+    assert constraints_for("openvino", weight_bits=8) == CONSTRAINT_SETS["openvino"]
+    assert constraints_for("openvino", weight_bits=8, cpu_flags=["avx2"]).weight.bits == 8
+    assert constraints_for("openvino", weight_bits=6, cpu_flags=["avx512_vnni"]).name == "openvino-w6"
+
+
+def test_host_false_without_flags_keeps_the_declared_set(host_cpu):
+    host_cpu("fpu avx2")
+    assert constraints_for("openvino", host=False) == CONSTRAINT_SETS["openvino"]
+
+
+def test_cpu_flags_as_one_string_is_a_callers_bug():
+    with pytest.raises(TypeError, match="collection of flag names"):
+        constraints_for("openvino", cpu_flags="avx2")
+
+
+def test_the_rule_travels_with_the_spec_and_old_specs_still_load():
+    spec = minmax_spec(tiny_plain(), CONSTRAINT_SETS["openvino"].with_weight_bits(7))
+    again = QuantSpec.from_json(spec.to_json())
+    assert again.constraints.narrow_weights_without_vnni and again.constraints.name == "openvino-w7"
+    d = json.loads(spec.to_json())
+    del d["constraints"]["narrow_weights_without_vnni"]  # a spec written before the field existed
+    assert not QuantSpec.from_json(json.dumps(d)).constraints.narrow_weights_without_vnni
 
 
 def test_unknown_constraint_set_is_a_user_error():

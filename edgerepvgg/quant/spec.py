@@ -20,13 +20,13 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edgerepvgg.errors import UserError
-from edgerepvgg.machine import needs_reduced_weight_range
+from edgerepvgg.machine import features_from_flags, host_features, needs_reduced_weight_range
 
 if TYPE_CHECKING:
     from edgerepvgg.plain import PlainNet
@@ -74,6 +74,10 @@ class Constraints:
     int_output: bool = False  # the head emits integers (quantized logits) rather than float
     rounding: str = "half_even"  # how quantizers round: half_even (ONNX, TensorRT) or half_away (TFLite)
     note: str = ""
+    # The kernels multiply u8 x s8 pairs into an int16 intermediate on x86 CPUs without VNNI
+    # (vpmaddubsw: ONNX Runtime, OpenVINO), where 8-bit weights saturate and 7-bit ones are exact:
+    # constraints_for gives such a device 7-bit weights.
+    narrow_weights_without_vnni: bool = False
 
     def __post_init__(self) -> None:
         if not self.weight.symmetric or not self.weight.per_channel:
@@ -91,11 +95,11 @@ CONSTRAINT_SETS: dict[str, Constraints] = {
     for c in (
         Constraints("tensorrt", Scheme(8, True, True), _W8, int_bias=False,
                     note="explicit quantization: symmetric int8, zero point 0, bias kept float"),
-        Constraints("openvino", Scheme(8, False, False), _W8,
+        Constraints("openvino", Scheme(8, False, False), _W8, narrow_weights_without_vnni=True,
                     note="OpenVINO CPU: u8 activations (affine), i8 symmetric per-channel weights"),
         Constraints("tflite", Scheme(8, True, False), _W8, rounding="half_away", int_output=True,
                     note="TFLite full integer: int8 affine activations, int8 symmetric per-channel weights"),
-        Constraints("onnxruntime", Scheme(8, False, False), _W8,
+        Constraints("onnxruntime", Scheme(8, False, False), _W8, narrow_weights_without_vnni=True,
                     note="ONNX Runtime CPU: u8 activations, s8 weights (QLinearConv)"),
     )
 }  # fmt: skip
@@ -110,9 +114,17 @@ def _check_weight_bits(bits: int) -> None:
         raise UserError(f"--weight-bits must be between {lo} and {hi}, got {bits!r}")
 
 
-def constraints_for(name: str, host: bool = True, weight_bits: int | None = None) -> Constraints:
-    """The constraint set for a target. For CPU targets run on this host (``host=True``), weights
-    drop to 7 bits when the CPU lacks VNNI; ``weight_bits`` (2..8) overrides either way."""
+def constraints_for(name: str, *, weight_bits: int | None = None, cpu_flags: Iterable[str] | None = None,
+                    host: bool = True) -> Constraints:
+    """The constraint set ``name`` for the device that will run it.
+
+    For a set whose kernels saturate 8-bit weights on x86 without VNNI
+    (``narrow_weights_without_vnni``: openvino, onnxruntime) the weights drop to 7 bits (the set
+    is then named e.g. "openvino-w7") when that device lacks VNNI, or when it cannot be told:
+    ``cpu_flags`` are the device CPU's ISA flags (a profile's, taken as complete); without them,
+    ``host=True`` asks this machine (:func:`edgerepvgg.machine.host_features`; Linux, Windows,
+    macOS) and ``host=False`` keeps the set as declared. ``weight_bits`` (2..8) overrides either
+    way."""
     try:
         c = CONSTRAINT_SETS[name]
     except KeyError:
@@ -120,9 +132,12 @@ def constraints_for(name: str, host: bool = True, weight_bits: int | None = None
     if weight_bits is not None:
         _check_weight_bits(weight_bits)
         return c if weight_bits == c.weight.bits else c.with_weight_bits(weight_bits)
-    if host and name in ("openvino", "onnxruntime") and needs_reduced_weight_range():
-        return c.with_weight_bits(7)
-    return c
+    if not c.narrow_weights_without_vnni or (cpu_flags is None and not host):
+        return c
+    if isinstance(cpu_flags, str):
+        raise TypeError(f"cpu_flags must be a collection of flag names, got the string {cpu_flags!r}")
+    features = host_features() if cpu_flags is None else features_from_flags(cpu_flags)
+    return c.with_weight_bits(7) if needs_reduced_weight_range(features) else c
 
 
 def resolve_constraints(constraints: Constraints | str, weight_bits: int | None = None) -> Constraints:
@@ -241,7 +256,8 @@ class QuantSpec:
                 raise UserError(f"QuantSpec version {d['version']} is newer than this edgerepvgg; upgrade it")
             c = d["constraints"]
             constraints = Constraints(c["name"], Scheme(**c["activation"]), Scheme(**c["weight"]),
-                                      c["int_bias"], c["int_output"], c["rounding"], c.get("note", ""))  # fmt: skip
+                                      c["int_bias"], c["int_output"], c["rounding"], c.get("note", ""),
+                                      bool(c.get("narrow_weights_without_vnni", False)))  # fmt: skip
             layers = tuple(LayerQuant.from_dict(x) for x in d["layers"])
             output = None if d["output"] is None else TensorQuant.from_dict(d["output"])
             return cls(constraints, layers, TensorQuant.from_dict(d["pool"]), output, d["model_hash"],

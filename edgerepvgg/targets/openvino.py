@@ -29,7 +29,7 @@ import numpy as np
 
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import fsync
-from edgerepvgg.machine import needs_reduced_weight_range
+from edgerepvgg.machine import host_features
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.spec import QuantSpec
 from edgerepvgg.targets.base import Artifact, ArtifactMetadata, check_batch, check_precision
@@ -185,7 +185,7 @@ class OpenVINOTarget:
         try:
             import openvino as ov
         except ImportError as exc:
-            return f"openvino is not importable ({exc}); pip install openvino"
+            return f"openvino is not importable ({exc}); pip install 'edgerepvgg[openvino]'"
         try:
             devices = ov.Core().available_devices
         except RuntimeError as exc:
@@ -256,6 +256,12 @@ class OpenVINOTarget:
             log.warning("the QuantSpec was calibrated for %r, not 'openvino' (u8 activations); OpenVINO runs it, "
                         "but recalibrate with constraints 'openvino' for its native scheme", spec.constraints.name)  # fmt: skip
         wide = max((l.weight.scheme.bits for l in spec.layers if l.precision != "float"), default=0)
-        if wide > 7 and needs_reduced_weight_range():
-            log.warning("this CPU has no VNNI: 8-bit weights can saturate in its int16 intermediate; "
-                        "recalibrate here (constraints_for picks 7-bit weights)")  # fmt: skip
+        features = host_features()  # OpenVINO runs the IR here, so this CPU's kernels matter
+        if wide <= 7 or not features.is_x86 or features.vnni:
+            return
+        if features.vnni is None:
+            log.warning("cannot tell whether this CPU has VNNI (%s): if it has none, %d-bit weights can saturate in "
+                        "its int16 intermediate; 7-bit weights are exact on every x86 CPU", features.describe(), wide)  # fmt: skip
+        else:
+            log.warning("this CPU has no VNNI: %d-bit weights can saturate in its int16 intermediate; recalibrate "
+                        "for this CPU (constraints_for picks 7-bit weights here)", wide)  # fmt: skip
