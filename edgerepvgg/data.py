@@ -39,7 +39,7 @@ IMAGE_FORMATS = ("JPEG", "PNG", "BMP", "WEBP")
 # decode, and equals PIL's error threshold.
 MAX_IMAGE_PIXELS = 178_956_970
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-_BUNDLED = Path(__file__).resolve().parent / "_bundled"  # symlink to ../calibration in a checkout
+_BUNDLED = Path(__file__).resolve().parent / "_bundled"  # in a wheel: calibration/, mapped in by pyproject.toml
 
 # What PIL raises for a file that is not a readable image (UnidentifiedImageError and a truncated
 # file's error are OSErrors). Nothing broader: a bug must not pass for a bad file.
@@ -364,6 +364,7 @@ def load_images(path: str | Path, spec: InputSpec, class_names: Sequence[str] | 
 
 
 def _bundled(*parts: str) -> Path:
+    """The installed copy (a wheel), else the checkout's top-level ``calibration/`` (an editable install)."""
     candidates = (_BUNDLED.joinpath(*parts), Path(__file__).resolve().parents[1].joinpath("calibration", *parts))
     for path in candidates:
         if path.is_dir():

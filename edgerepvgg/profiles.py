@@ -21,7 +21,7 @@ if sys.version_info >= (3, 11):
 else:  # Python 3.10 (JetPack 6): the same parser, from PyPI
     import tomli as tomllib
 
-_PROFILES = Path(__file__).resolve().parent / "_profiles"  # symlink to ../targets in a checkout
+_PROFILES = Path(__file__).resolve().parent / "_profiles"  # in a wheel: targets/, mapped in by pyproject.toml
 PRECISIONS = ("fp32", "fp16", "int8")
 
 
@@ -131,7 +131,8 @@ def default_profile(backend: str, precision: str = "int8") -> Profile:
 
 
 def shipped_profiles() -> list[Path]:
-    """The profile files shipped with edgerepvgg (the top-level ``targets/`` folder)."""
+    """The profile files shipped with edgerepvgg: the installed copy (a wheel), else the checkout's
+    top-level ``targets/`` folder (an editable install)."""
     for root in (_PROFILES, Path(__file__).resolve().parents[1] / "targets"):
         if root.is_dir():
             return sorted(root.glob("*.toml"))

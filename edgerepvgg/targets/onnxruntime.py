@@ -49,7 +49,8 @@ class OnnxRuntimeTarget:
 
     def available(self) -> str | None:
         if importlib.util.find_spec("onnxruntime") is None:
-            return "onnxruntime is not installed; pip install onnxruntime"
+            return ("onnxruntime is not installed; pip install 'edgerepvgg[onnxruntime]' "
+                    "(or any ONNX Runtime build: onnxruntime-gpu, onnxruntime-openvino)")
         return None
 
     def compile(self, plain: PlainNet, spec: QuantSpec | None, out_dir: Path, precision: str = "fp32", *,
