@@ -175,15 +175,6 @@ def _cache(args: argparse.Namespace) -> bool | None:
     return False if args.no_cache else None
 
 
-def _grid(scheme) -> str:
-    kind = ("s" if scheme.signed else "u") + str(scheme.bits)
-    return f"{kind} {'symmetric' if scheme.symmetric else 'affine'}{' per-channel' if scheme.per_channel else ''}"
-
-
-def _pct(x: float | None) -> str:
-    return "-" if x is None else f"{100 * x:.2f}%"
-
-
 def _write_json(path: str, data: dict | list) -> None:
     from edgerepvgg.io import write_text_atomic
 
@@ -221,6 +212,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.calibrate import calibrate, save_spec
     from edgerepvgg.quant.mixed import keep_sensitive_layers
+    from edgerepvgg.report import mixed_precision_text, spec_text
 
     plain, _ = _plain(args)
     images = calibration_set(plain, args.images)
@@ -230,19 +222,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
         spec, trace = keep_sensitive_layers(plain, spec, eval_set, args.max_drop, progress=not args.quiet)
         record = spec.calibration["mixed_precision"]
-        print(f"accuracy gate {args.max_drop:g} pt on {len(eval_set)} images of {eval_set.source}: FP32 top-1 {_pct(record['fp32_top1'])}")
-        for entry in trace:
-            what = "all INT8" if entry["layer"] is None else f"+ {entry['layer']} in float"
-            print(f"  {what:<24} top-1 {_pct(entry['top1'])} ({-entry['drop']:+.2f} pt)")
+        print(mixed_precision_text(record, trace, args.max_drop, eval_set))
         if record["status"] != "met":
             print(f"edgerepvgg calibrate: accuracy gate not met: {record['message']}; no QuantSpec written", file=sys.stderr)
             return EXIT_FAILED
-        print(f"gate met with {len(record['kept_float'])} layer(s) in float: {', '.join(k['layer'] for k in record['kept_float']) or 'none'}")
     out = save_spec(spec, args.output)
-    skipped = f", {len(images.skipped)} unreadable files skipped" if images.skipped else ""
-    print(f"calibrated {plain.name} on {len(images)} images from {images.source}{skipped}")
-    print(f"constraints {c.name}: activations {_grid(c.activation)}, weights {_grid(c.weight)}{', bias float' if not c.int_bias else ''}; "
-          f"method {args.method}, weights {args.weight_method}")  # fmt: skip
+    print(spec_text(spec, plain, images))
     print(f"wrote {out} (sha256 {spec.sha256[:12]})")
     return EXIT_OK
 
@@ -260,6 +245,7 @@ def _analyze(args: argparse.Namespace) -> int:
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.analysis import analyze
     from edgerepvgg.quant.analysis_report import TABLE_LEGEND, summary, table, write
+    from edgerepvgg.report import scheme_text
 
     plain, _ = _plain(args)
     images = calibration_set(plain, args.images)
@@ -267,7 +253,7 @@ def _analyze(args: argparse.Namespace) -> int:
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
     result = analyze(plain, images, eval_set, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args))
     json_path, png_path = write(result, args.output)
-    print(f"{plain.name} for {c.name} (activations {_grid(c.activation)}, weights {_grid(c.weight)}): statistics from "
+    print(f"{plain.name} for {scheme_text(c)}: statistics from "
           f"{len(images)} images of {images.source}, accuracy on {len(eval_set)} images of {eval_set.source}")  # fmt: skip
     print(f"{table(result)}\n{TABLE_LEGEND}\n\n{summary(result)}")
     print(f"wrote {json_path} and {png_path}")
@@ -304,6 +290,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     from edgerepvgg.data import default_training_data, labelled_sets
     from edgerepvgg.quant import load_spec
     from edgerepvgg.quant.qat import QATConfig, qat
+    from edgerepvgg.report import qat_text
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -320,13 +307,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
         torch.distributed.destroy_process_group()
     if not _main_rank():
         return EXIT_OK
-    c = fine_spec.constraints
-    print(f"fine-tuned {plain.name} for {c.name} (activations {_grid(c.activation)}, weights {_grid(c.weight)}) "
-          f"on {train_set.source}, starting from {metrics['start']}")  # fmt: skip
-    if "qat_top1" in metrics:
-        print(f"top-1 on {len(eval_set)} images of {metrics['eval_set']}: FP32 {_pct(metrics['fp32_top1'])}, "
-              f"PTQ {_pct(metrics['ptq_top1'])}, QAT {_pct(metrics['qat_top1'])} (quantized: integer emulation)")
-        print(f"the exported spec reproduces {_pct(metrics['emulation_agreement'])} of the fake-quant model's top-1")
+    print(qat_text(plain, fine_spec, metrics, train_set, eval_set))
     print(f"wrote {metrics['model_file']} (fused checkpoint) and {metrics['spec_file']} (sha256 {fine_spec.sha256[:12]})")
     return EXIT_OK
 
@@ -374,16 +355,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_targets(args: argparse.Namespace) -> int:
+    from edgerepvgg.report import targets_text
     from edgerepvgg.targets import list_targets
 
     rows = list_targets()
-    width = max(len(t.name) for t in rows)
-    for t in rows:
-        state = "available" if t.available else f"not available: {t.reason}"
-        detail = f"  [{', '.join(t.precisions)}; scheme {t.constraint_set}]" if t.precisions else ""
-        print(f"{t.name:<{width}}  {state}{detail}")
-        if t.description:
-            print(f"{'':<{width}}  {t.description}")
+    print(targets_text(rows))
     if args.output:
         _write_json(args.output, [{**dataclasses.asdict(t), "available": t.available} for t in rows])
     return EXIT_OK

@@ -25,6 +25,59 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.2f}%"
 
 
+def _grid(scheme) -> str:
+    kind = ("s" if scheme.signed else "u") + str(scheme.bits)
+    return f"{kind} {'symmetric' if scheme.symmetric else 'affine'}{' per-channel' if scheme.per_channel else ''}"
+
+
+def scheme_text(c) -> str:
+    """A constraint set in words: its name and both integer grids (and a float bias)."""
+    return f"{c.name} (activations {_grid(c.activation)}, weights {_grid(c.weight)}{', bias float' if not c.int_bias else ''})"
+
+
+def spec_text(spec, plain, images) -> str:
+    """What ``edgerepvgg calibrate`` says about the QuantSpec it made."""
+    cal = spec.calibration
+    skipped = f", {len(images.skipped)} unreadable files skipped" if images.skipped else ""
+    return (f"calibrated {plain.name} on {len(images)} images from {images.source}{skipped}\n"
+            f"constraints {scheme_text(spec.constraints)}; method {cal.get('method')}, weights {cal.get('weight_method')}")  # fmt: skip
+
+
+def mixed_precision_text(record: dict, trace: list[dict], max_drop: float, eval_set) -> str:
+    """The accuracy-gate search of ``calibrate --max-drop``: one line per step."""
+    lines = [f"accuracy gate {max_drop:g} pt on {len(eval_set)} images of {eval_set.source}: FP32 top-1 {_pct(record['fp32_top1'])}"]
+    for entry in trace:
+        what = "all INT8" if entry["layer"] is None else f"+ {entry['layer']} in float"
+        lines.append(f"  {what:<24} top-1 {_pct(entry['top1'])} ({-entry['drop']:+.2f} pt)")
+    if record["status"] == "met":
+        kept = [k["layer"] for k in record["kept_float"]]
+        lines.append(f"gate met with {len(kept)} layer(s) in float: {', '.join(kept) or 'none'}")
+    return "\n".join(lines)
+
+
+def qat_text(plain, spec, metrics: dict, train_set, eval_set) -> str:
+    """What ``edgerepvgg qat`` says: where it started, top-1 before and after, what it wrote."""
+    lines = [f"fine-tuned {plain.name} for {scheme_text(spec.constraints)} on {train_set.source}, starting from {metrics['start']}"]
+    if "qat_top1" in metrics:
+        lines += [f"top-1 on {len(eval_set)} images of {metrics['eval_set']}: FP32 {_pct(metrics['fp32_top1'])}, "
+                  f"PTQ {_pct(metrics['ptq_top1'])}, QAT {_pct(metrics['qat_top1'])} (quantized: integer emulation)",
+                  f"the exported spec reproduces {_pct(metrics['emulation_agreement'])} of the fake-quant model's top-1"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def targets_text(rows) -> str:
+    """Every target, whether it runs here (and why not), what it builds and its scheme."""
+    width = max(len(t.name) for t in rows)
+    lines = []
+    for t in rows:
+        state = "available" if t.available else f"not available: {t.reason}"
+        detail = f"  [{', '.join(t.precisions)}; scheme {t.constraint_set}]" if t.precisions else ""
+        lines.append(f"{t.name:<{width}}  {state}{detail}")
+        if t.description:
+            lines.append(f"{'':<{width}}  {t.description}")
+    return "\n".join(lines)
+
+
 def info_text(info: dict, meta: "ModelMeta", layers: bool = False) -> str:
     """What ``edgerepvgg info`` prints: :func:`edgerepvgg.checkpoints.describe` as text."""
     form = "fused (deploy)" if meta.fused else "train-time"
