@@ -39,7 +39,7 @@ from edgerepvgg.io import write_text_atomic
 from edgerepvgg.quant import constraints_for, load_spec
 from edgerepvgg.quant.calibrate import CalibrationConfig, collect_stats, make_spec
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.quant.observers import OBSERVERS
+from edgerepvgg.quant.observers import RANGE_METHODS
 
 log = logging.getLogger("quant_accuracy")
 
@@ -107,7 +107,7 @@ def evaluate_model(name: str, constraints_name: str, qat_dir: Path | None, with_
 
     log.info("%s: FP32 %.4f; running PTQ settings", name, fp32)
     rows.append(ptq_row("naive PTQ (per-tensor minmax weights and activations)", method="minmax", per_tensor_weights=True))
-    ptq = [ptq_row(f"PTQ per-channel, {m}", method=m) for m in OBSERVERS]
+    ptq = [ptq_row(f"PTQ per-channel, {m}", method=m) for m in RANGE_METHODS]
     ptq += [ptq_row(f"PTQ per-channel mse weights, {m}", method=m, weight_method="mse") for m in ("entropy", "mse")]
     rows += ptq
     best = max(ptq, key=lambda r: r["top1"])

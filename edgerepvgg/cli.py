@@ -371,6 +371,8 @@ def cmd_targets(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from edgerepvgg import __version__
+    from edgerepvgg.profiles import PRECISIONS
+    from edgerepvgg.targets import target_names
 
     common = _common()
     p = _Parser(prog="edgerepvgg", description="RepVGG from training checkpoint to INT8 engines on edge targets.",
@@ -439,10 +441,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("export", cmd_export, "compile for a target (FP32 or INT8), check accuracy per target, time it; artifact + report.json")
     _model_args(s)
-    s.add_argument("--target", required=True, help="onnxruntime, openvino, tensorrt or tflite ('edgerepvgg targets' lists them), "
+    s.add_argument("--target", required=True, help=f"{', '.join(target_names())} ('edgerepvgg targets' lists them), "
                    "or a device profile (.toml file or shipped profile name)")  # fmt: skip
     s.add_argument("--int8", action="store_true", help="INT8 (same as --precision int8)")
-    s.add_argument("--precision", choices=["fp32", "fp16", "int8"], help="default: the profile's, int8 with --spec, else fp32")
+    s.add_argument("--precision", choices=PRECISIONS, help="default: the profile's, int8 with --spec, else fp32")
     _calibration_args(s, spec=True)
     _eval_args(s, None, "the accuracy check; without labels, agreement only on the calibration images")
     s.add_argument("--no-eval", action="store_true", help="skip the accuracy check")

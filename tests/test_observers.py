@@ -411,12 +411,12 @@ def test_an_empty_histogram_is_a_user_error():
         activation_range(Histogram(), "minmax", INT8)
 
 
-def test_method_names_are_one_table_and_the_old_name_is_an_alias():
+def test_method_names_are_one_table():
     from edgerepvgg.quant import observers
     from edgerepvgg.quant.calibrate import WEIGHT_METHODS, CalibrationConfig
 
     assert list(RANGE_METHODS) == ["minmax", "percentile", "entropy", "mse"]
-    assert observers.OBSERVERS is RANGE_METHODS  # edgerepvgg.cli still reads the old name
+    assert not hasattr(observers, "OBSERVERS")  # one name for the table
     assert WEIGHT_METHODS is observers.WEIGHT_METHODS == ("minmax", "mse")
     assert not hasattr(observers, "WEIGHT_OBSERVERS")
     for method in RANGE_METHODS:  # every name in the table is a config a user may pick

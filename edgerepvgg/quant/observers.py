@@ -474,7 +474,6 @@ RANGE_METHODS: dict[str, RangeMethod] = {
     "entropy": _searched_range(entropy_threshold),
     "mse": _searched_range(mse_threshold),
 }
-OBSERVERS = RANGE_METHODS  # the former name; edgerepvgg.cli reads it
 
 
 # ---------------------------------------------------------------------------------------------
