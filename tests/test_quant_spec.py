@@ -224,3 +224,43 @@ def test_require_spec_for_is_the_one_check_and_uses_the_model_layer_names():
         require_spec_for(plain, renamed)
     with pytest.raises(UserError, match="made for another model"):
         require_spec_for(tiny_plain(seed=1), spec)
+
+
+def test_narrowing_a_layer_keeps_its_clip_range_and_only_that_layer():
+    from edgerepvgg.quant.spec import narrow_layer_weights
+
+    spec = minmax_spec(tiny_plain(), CONSTRAINT_SETS["onnxruntime"])
+    narrow = narrow_layer_weights(spec, ["convs.0"], 7)
+    first, old = narrow.layers[0].weight, spec.layers[0].weight
+    assert first.scheme.bits == 7 and (first.scheme.qmin, first.scheme.qmax) == (-63, 63)
+    assert [s * 63 for s in first.scale] == pytest.approx([s * 127 for s in old.scale])  # same max|w|
+    assert narrow.layers[1:] == spec.layers[1:] and narrow.pool == spec.pool
+    with pytest.raises(UserError, match="no layer 'convs.99'"):
+        narrow_layer_weights(spec, ["convs.99"], 7)
+
+
+def test_a_first_layer_rule_gives_only_the_first_conv_its_width():
+    c = CONSTRAINT_SETS["openvino"].with_first_layer_weight_bits(7)
+    assert c.name == "openvino-w7first"
+    assert c.layer_weight(0).bits == 7 and c.layer_weight(1).bits == 8 and c.weight.bits == 8
+    assert c.with_weight_bits(6).first_layer_weight_bits is None  # an explicit width applies everywhere
+    with pytest.raises(ValueError, match="first_layer_weight_bits"):
+        CONSTRAINT_SETS["openvino"].with_first_layer_weight_bits(9)
+
+
+def test_a_spec_holds_its_first_conv_at_the_width_its_constraints_say():
+    # producers that give every layer constraints.weight (calibrate, QAT) get the rule applied
+    c = CONSTRAINT_SETS["openvino"].with_first_layer_weight_bits(7)
+    spec = minmax_spec(tiny_plain(), c)
+    assert [layer.weight.scheme.bits for layer in spec.layers] == [7] + [8] * (len(spec.layers) - 1)
+    again = QuantSpec.from_json(spec.to_json())
+    assert again == spec and again.sha256 == spec.sha256 and again.constraints.first_layer_weight_bits == 7
+
+
+def test_the_referee_computes_the_first_conv_on_its_7_bit_grid():
+    from edgerepvgg.quant.emulate import IntegerNet
+
+    plain = tiny_plain()
+    spec = minmax_spec(plain, CONSTRAINT_SETS["openvino"].with_first_layer_weight_bits(7))
+    net = IntegerNet(plain, spec)
+    assert float(net.weights[0].abs().max()) == 63 and float(net.weights[1].abs().max()) == 127

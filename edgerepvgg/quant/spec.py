@@ -78,15 +78,31 @@ class Constraints:
     # (vpmaddubsw: ONNX Runtime, OpenVINO), where 8-bit weights saturate and 7-bit ones are exact:
     # constraints_for gives such a device 7-bit weights.
     narrow_weights_without_vnni: bool = False
+    # The first conv's weight width where it differs from ``weight`` (NNCF's overflow fix: the
+    # network input uses the whole u8 range, so its products are the ones that saturate).
+    first_layer_weight_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not self.weight.symmetric or not self.weight.per_channel:
             raise ValueError("weights are always quantized symmetric per output channel")
         if self.rounding not in ("half_even", "half_away"):
             raise ValueError(f"unknown rounding {self.rounding!r}")
+        if self.first_layer_weight_bits is not None and not 2 <= self.first_layer_weight_bits <= self.weight.bits:
+            raise ValueError(f"first_layer_weight_bits must be in 2..{self.weight.bits}, got {self.first_layer_weight_bits}")
+
+    def layer_weight(self, index: int) -> Scheme:
+        """The weight grid of layer ``index`` (0: the first conv)."""
+        if index == 0 and self.first_layer_weight_bits is not None:
+            return replace(self.weight, bits=self.first_layer_weight_bits)
+        return self.weight
 
     def with_weight_bits(self, bits: int) -> "Constraints":
-        return replace(self, name=f"{self.name}-w{bits}", weight=replace(self.weight, bits=bits))
+        """Every layer's weights ``bits`` wide (named e.g. "openvino-w7")."""
+        return replace(self, name=f"{self.name}-w{bits}", weight=replace(self.weight, bits=bits), first_layer_weight_bits=None)
+
+    def with_first_layer_weight_bits(self, bits: int) -> "Constraints":
+        """The first conv's weights ``bits`` wide, the others as they are (named e.g. "openvino-w7first")."""
+        return replace(self, name=f"{self.name}-w{bits}first", first_layer_weight_bits=bits)
 
 
 _W8 = Scheme(8, signed=True, symmetric=True, per_channel=True)
@@ -234,6 +250,12 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if (self.output is not None) != self.constraints.int_output:
             raise ValueError(f"constraint set {self.constraints.name!r} {'needs' if self.constraints.int_output else 'takes no'} output quantizer")
+        first_bits = self.constraints.first_layer_weight_bits
+        if first_bits is not None and self.layers and self.layers[0].weight.scheme.bits == self.constraints.weight.bits != first_bits:
+            # A producer that gave every layer ``constraints.weight`` (calibrate, QAT): the first
+            # conv's weights go onto their narrower grid, over the same clip range.
+            narrowed = narrow_layer_weights(self, [self.layers[0].name], first_bits)
+            object.__setattr__(self, "layers", narrowed.layers)
 
     def layer(self, name: str) -> LayerQuant:
         for layer in self.layers:
@@ -257,7 +279,8 @@ class QuantSpec:
             c = d["constraints"]
             constraints = Constraints(c["name"], Scheme(**c["activation"]), Scheme(**c["weight"]),
                                       c["int_bias"], c["int_output"], c["rounding"], c.get("note", ""),
-                                      bool(c.get("narrow_weights_without_vnni", False)))  # fmt: skip
+                                      bool(c.get("narrow_weights_without_vnni", False)),
+                                      c.get("first_layer_weight_bits"))  # fmt: skip
             layers = tuple(LayerQuant.from_dict(x) for x in d["layers"])
             output = None if d["output"] is None else TensorQuant.from_dict(d["output"])
             return cls(constraints, layers, TensorQuant.from_dict(d["pool"]), output, d["model_hash"],
@@ -281,6 +304,26 @@ def with_float_layers(spec: QuantSpec, names: Sequence[str]) -> QuantSpec:
     keep = set(names)
     layers = tuple(replace(layer, precision="float") if layer.name in keep else layer for layer in spec.layers)
     return replace(spec, layers=layers)
+
+
+def narrow_layer_weights(spec: QuantSpec, names: Sequence[str], bits: int) -> QuantSpec:
+    """``spec`` with the weights of layers ``names`` re-quantized for a ``bits``-wide grid over
+    the same clip range per channel (scale x old qmax / new qmax): only the resolution changes,
+    so calibration need not run again. Used for the first-layer-only 7-bit rule."""
+    known = {layer.name for layer in spec.layers}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise UserError(f"no layer {unknown[0]!r} in this QuantSpec; layers are {', '.join(sorted(known))}")
+    keep = set(names)
+    layers = []
+    for layer in spec.layers:
+        old = layer.weight
+        if layer.name in keep and old.scheme.bits != bits:
+            scheme = replace(old.scheme, bits=bits)
+            scale = tuple(s * old.scheme.qmax / scheme.qmax for s in old.scale)
+            layer = replace(layer, weight=TensorQuant(scheme, scale, old.zero_point))
+        layers.append(layer)
+    return replace(spec, layers=tuple(layers))
 
 
 def load_spec(path: str | Path) -> QuantSpec:
