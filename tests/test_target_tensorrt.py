@@ -92,9 +92,12 @@ def test_asymmetric_zero_point_is_flagged(good):
     violations = check_explicit_quantization(good)
     assert _rules(violations) == {"symmetric"}
     assert _nodes(violations, "symmetric") == {"convs.3.input.q", "convs.3.input.dq"}
+    assert {v.kind for v in violations} == {"tensorrt"}
+    with pytest.raises(UserError, match="symmetric"):
+        require_explicit_quantization(good)
 
 
-def test_per_tensor_weights_are_flagged(good):
+def test_per_tensor_weights_are_a_convention_note_not_a_tensorrt_violation(good):
     scales = _init(good, "convs.2.weight.scale")
     assert scales.size > 1
     _set_init(good, "convs.2.weight.scale", np.array(scales.max(), np.float32))
@@ -103,6 +106,8 @@ def test_per_tensor_weights_are_flagged(good):
     assert _rules(violations) == {"weight_per_channel"}
     assert _nodes(violations, "weight_per_channel") == {"convs.2.weight.dq"}
     assert f"1 weight scale(s) for {scales.size} output channels" in violations[0].detail
+    assert violations[0].kind == "convention" and not violations[0].tensorrt  # TensorRT accepts per-tensor weights
+    assert require_explicit_quantization(good) == violations  # returned as notes; nothing raised
 
 
 @pytest.mark.parametrize("axis", [1, None], ids=["axis1", "default-axis"])
@@ -214,9 +219,10 @@ def test_trtexec_command_per_precision():
     assert int8[:3] == ["trtexec", "--onnx=model.onnx", "--saveEngine=model.plan"]
     assert "--stronglyTyped" in int8 and "--fp16" not in int8 and "--int8" not in int8
     assert {"--minShapes=input:1x3x224x224", "--optShapes=input:8x3x224x224", "--maxShapes=input:32x3x224x224",
-            "--memPoolSize=workspace:1024M", "--timingCacheFile=timing.cache"} <= set(int8)  # fmt: skip
+            "--memPoolSize=workspace:1024", "--timingCacheFile=timing.cache"} <= set(int8)  # fmt: skip
+    assert "--skipInference" not in int8 and "--exportLayerInfo=layers.json" in int8  # inference runs: formats are exported
     fp16 = trtexec_command("fp16", shapes, 512)
-    assert "--fp16" in fp16 and "--stronglyTyped" not in fp16 and "--memPoolSize=workspace:512M" in fp16
+    assert "--fp16" in fp16 and "--stronglyTyped" not in fp16 and "--memPoolSize=workspace:512" in fp16
     assert "--stronglyTyped" in trtexec_command("fp32", shapes, 1024)
 
 
@@ -249,16 +255,17 @@ def test_layer_report_counts_int8_convolutions():
 def test_compile_without_tensorrt_writes_onnx_script_and_says_why(plain, trt_spec, tmp_path, precision):
     art = TensorRTTarget().compile(plain, trt_spec if precision == "int8" else None, tmp_path, precision)
     assert art.path == tmp_path / "model.onnx" and art.path.is_file()
-    assert set(art.files) == {tmp_path / "model.onnx", tmp_path / "build_engine.sh"}
+    assert set(art.files) == {tmp_path / "model.onnx", tmp_path / "build_engine.sh", tmp_path / "time_engine.sh"}
     assert not (tmp_path / "model.plan").exists()
     assert art.info["engine_built"] is False and art.info["emulated"] is True and art.info["why"] == TRT_REASON
     assert read_metadata(art.path)["edgerepvgg.precision"] == ("int8" if precision == "int8" else "fp32")
     script = tmp_path / "build_engine.sh"
     assert os.access(script, os.X_OK)
     text = script.read_text()
-    assert text.startswith("#!/bin/sh") and art.info["trtexec"] in text
+    assert text.startswith("#!/bin/sh") and art.info["trtexec"].removeprefix("trtexec ") in text
     assert "--minShapes=input:1x1x16x16" in text and "--optShapes=input:8x1x16x16" in text and "--maxShapes=input:32x1x16x16" in text
-    assert ("--fp16" in text) == (precision == "fp16") and ("--stronglyTyped" in text) == (precision != "fp16")
+    ten = art.info["trtexec_by_release"]["10"]  # TensorRT 10 (the default): strongly typed except fp16 from an FP32 graph
+    assert ("--fp16" in ten) == (precision == "fp16") and ("--stronglyTyped" in ten) == (precision != "fp16")
     if precision == "int8":
         assert art.info["qdq_check"] == "passed" and art.info["graph_quantized_layers"] == len(plain.convs) + 1
         assert check_explicit_quantization(art.path) == []
