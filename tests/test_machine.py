@@ -120,10 +120,11 @@ def test_this_linux_machine_answers_the_vnni_question():
 
 @pytest.mark.parametrize(
     "cpuinfo,numpy_features,bits,expected",
-    [("flags\t: avx2 fma\n", None, 8, "this CPU has no VNNI: 8-bit weights can saturate"),
+    [("flags\t: avx2 fma\n", None, 8, "this CPU has no VNNI: the first conv's 8-bit weights can saturate"),
      (None, AVX2_ONLY, 8, "cannot tell whether this CPU has VNNI (x86_64, flags from numpy, VNNI unknown)"),
      ("flags\t: avx2 avx512_vnni\n", None, 8, ""),
-     ("flags\t: avx2 fma\n", None, 7, "")],
+     ("flags\t: avx2 fma\n", None, 7, ""),
+     ("flags\t: avx2 fma\n", None, None, "")],  # None: the default for this CPU (7-bit first conv)
 )  # fmt: skip
 def test_openvino_warns_about_8_bit_weights_from_the_same_detection(host, caplog, cpuinfo, numpy_features, bits, expected):
     from quant_helpers import minmax_spec, tiny_plain
@@ -133,6 +134,7 @@ def test_openvino_warns_about_8_bit_weights_from_the_same_detection(host, caplog
 
     host("x86_64", cpuinfo, numpy_features)
     spec = minmax_spec(tiny_plain(), constraints_for("openvino", weight_bits=bits))
+    assert bits is not None or spec.layers[0].weight.scheme.bits == 7 and spec.layers[1].weight.scheme.bits == 8
     with caplog.at_level(logging.WARNING, "edgerepvgg.targets.openvino"):
         OpenVINOTarget._warn_constraints(spec)
     assert (expected in caplog.text) if expected else caplog.text == ""

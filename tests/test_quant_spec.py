@@ -82,43 +82,45 @@ def test_the_7_bit_rule_is_a_field_of_the_cpu_constraint_sets():
 
 
 @pytest.mark.parametrize("name", ["openvino", "onnxruntime"])
-def test_host_without_vnni_gets_7_bit_weights_named_for_it(host_cpu, name):
+def test_host_without_vnni_gets_a_7_bit_first_conv_named_for_it(host_cpu, name):
     host_cpu("fpu avx2 fma")
     c = constraints_for(name)
-    assert (c.name, c.weight.bits) == (f"{name}-w7", 7)
+    assert (c.name, c.first_layer_weight_bits, c.weight.bits) == (f"{name}-w7first", 7, 8)
     host_cpu("fpu avx2 fma avx512_vnni")
     assert constraints_for(name) == CONSTRAINT_SETS[name]
 
 
 def test_gpu_and_arm_sets_ignore_the_host_cpu(host_cpu):
     host_cpu("fpu avx2 fma")
-    assert constraints_for("tensorrt").weight.bits == 8
-    assert constraints_for("tflite").weight.bits == 8
+    assert constraints_for("tensorrt") == CONSTRAINT_SETS["tensorrt"]
+    assert constraints_for("tflite") == CONSTRAINT_SETS["tflite"]
 
 
 def test_an_arm_host_keeps_8_bit_weights(host_cpu):
     host_cpu("fp asimd", arch="aarch64")
-    assert constraints_for("openvino").weight.bits == 8
+    assert constraints_for("openvino") == CONSTRAINT_SETS["openvino"]
 
 
 def test_an_unknown_host_gets_the_safe_7_bits(host_cpu):
     host_cpu(None)
-    assert constraints_for("onnxruntime").weight.bits == 7
+    assert constraints_for("onnxruntime").layer_weight(0).bits == 7
 
 
 def test_the_device_flags_decide_not_this_host(host_cpu):
     host_cpu("fpu avx2 fma avx512_vnni")  # a VNNI build machine...
-    assert constraints_for("openvino", cpu_flags=("avx2", "fma")).name == "openvino-w7"  # ...for an older Xeon
+    assert constraints_for("openvino", cpu_flags=("avx2", "fma")).name == "openvino-w7first"  # ...for an older Xeon
     host_cpu("fpu avx2 fma")  # a build machine without VNNI...
-    assert constraints_for("openvino", cpu_flags=("avx2", "avx512_vnni")).weight.bits == 8  # ...for a VNNI device
-    assert constraints_for("onnxruntime", cpu_flags=("neon", "asimd")).weight.bits == 8  # ...for an Arm device
-    assert constraints_for("openvino", cpu_flags=("avx2",), host=False).weight.bits == 7  # host=False: flags still decide
+    assert constraints_for("openvino", cpu_flags=("avx2", "avx512_vnni")) == CONSTRAINT_SETS["openvino"]  # ...for a VNNI device
+    assert constraints_for("onnxruntime", cpu_flags=("neon", "asimd")) == CONSTRAINT_SETS["onnxruntime"]  # ...for Arm
+    assert constraints_for("openvino", cpu_flags=("avx2",), host=False).name == "openvino-w7first"  # flags still decide
 
 
 def test_weight_bits_override_the_device_and_the_host(host_cpu):
     host_cpu("fpu avx2")
     assert constraints_for("openvino", weight_bits=8) == CONSTRAINT_SETS["openvino"]
-    assert constraints_for("openvino", weight_bits=8, cpu_flags=["avx2"]).weight.bits == 8
+    assert constraints_for("openvino", weight_bits=8, cpu_flags=["avx2"]) == CONSTRAINT_SETS["openvino"]
+    assert constraints_for("openvino", weight_bits=7).name == "openvino-w7"  # 7 bits everywhere, on request
+    assert constraints_for("openvino", weight_bits=7).layer_weight(5).bits == 7
     assert constraints_for("openvino", weight_bits=6, cpu_flags=["avx512_vnni"]).name == "openvino-w6"
 
 

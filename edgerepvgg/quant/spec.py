@@ -130,17 +130,24 @@ def _check_weight_bits(bits: int) -> None:
         raise UserError(f"--weight-bits must be between {lo} and {hi}, got {bits!r}")
 
 
+NARROW_FIRST_LAYER_BITS = 7  # the first conv's weight width on x86 without VNNI (benchmarks/first_layer_weights.py)
+
+
 def constraints_for(name: str, *, weight_bits: int | None = None, cpu_flags: Iterable[str] | None = None,
                     host: bool = True) -> Constraints:
     """The constraint set ``name`` for the device that will run it.
 
-    For a set whose kernels saturate 8-bit weights on x86 without VNNI
-    (``narrow_weights_without_vnni``: openvino, onnxruntime) the weights drop to 7 bits (the set
-    is then named e.g. "openvino-w7") when that device lacks VNNI, or when it cannot be told:
+    A set whose kernels saturate 8-bit weights on x86 without VNNI
+    (``narrow_weights_without_vnni``: openvino, onnxruntime) gets 7-bit weights in its first conv
+    (named e.g. "openvino-w7first") when that device lacks VNNI, or when that cannot be told. The
+    first conv reads the network input, which fills the u8 range, so its products are the ones
+    that saturate: measured on a CPU without VNNI, 7 bits there alone match IntegerNet as closely
+    as 7 bits everywhere and lose less accuracy (``benchmarks/results/first_layer_weights.md``).
     ``cpu_flags`` are the device CPU's ISA flags (a profile's, taken as complete); without them,
     ``host=True`` asks this machine (:func:`edgerepvgg.machine.host_features`; Linux, Windows,
-    macOS) and ``host=False`` keeps the set as declared. ``weight_bits`` (2..8) overrides either
-    way."""
+    macOS) and ``host=False`` keeps the set as declared. ``weight_bits`` (2..8) sets every
+    layer's width and overrides either way (``weight_bits=7``: 7 bits everywhere, exact by
+    construction)."""
     try:
         c = CONSTRAINT_SETS[name]
     except KeyError:
@@ -153,7 +160,7 @@ def constraints_for(name: str, *, weight_bits: int | None = None, cpu_flags: Ite
     if isinstance(cpu_flags, str):
         raise TypeError(f"cpu_flags must be a collection of flag names, got the string {cpu_flags!r}")
     features = host_features() if cpu_flags is None else features_from_flags(cpu_flags)
-    return c.with_weight_bits(7) if needs_reduced_weight_range(features) else c
+    return c.with_first_layer_weight_bits(NARROW_FIRST_LAYER_BITS) if needs_reduced_weight_range(features) else c
 
 
 def resolve_constraints(constraints: Constraints | str, weight_bits: int | None = None) -> Constraints:

@@ -251,17 +251,19 @@ class OpenVINOTarget:
 
     @staticmethod
     def _warn_constraints(spec: QuantSpec) -> None:
-        """Say so when the spec was made for another integer scheme or for a CPU with VNNI."""
+        """Say so when the spec was made for another integer scheme, or gives the first conv 8-bit
+        weights on a CPU that may lack VNNI (measured: the first conv's products saturate there)."""
         if not spec.constraints.name.startswith("openvino"):
             log.warning("the QuantSpec was calibrated for %r, not 'openvino' (u8 activations); OpenVINO runs it, "
                         "but recalibrate with constraints 'openvino' for its native scheme", spec.constraints.name)  # fmt: skip
-        wide = max((l.weight.scheme.bits for l in spec.layers if l.precision != "float"), default=0)
+        quantized = [l for l in spec.layers if l.precision != "float"]
+        first = quantized[0].weight.scheme.bits if quantized and quantized[0] is spec.layers[0] else 0
         features = host_features()  # OpenVINO runs the IR here, so this CPU's kernels matter
-        if wide <= 7 or not features.is_x86 or features.vnni:
+        if first <= 7 or not features.is_x86 or features.vnni:
             return
         if features.vnni is None:
-            log.warning("cannot tell whether this CPU has VNNI (%s): if it has none, %d-bit weights can saturate in "
-                        "its int16 intermediate; 7-bit weights are exact on every x86 CPU", features.describe(), wide)  # fmt: skip
+            log.warning("cannot tell whether this CPU has VNNI (%s): if it has none, the first conv's %d-bit weights can "
+                        "saturate in its int16 intermediate; 7 bits there are exact", features.describe(), first)  # fmt: skip
         else:
-            log.warning("this CPU has no VNNI: %d-bit weights can saturate in its int16 intermediate; recalibrate "
-                        "for this CPU (constraints_for picks 7-bit weights here)", wide)  # fmt: skip
+            log.warning("this CPU has no VNNI: the first conv's %d-bit weights can saturate in its int16 intermediate; "
+                        "recalibrate for this CPU (constraints_for gives its first conv 7-bit weights here)", first)  # fmt: skip
