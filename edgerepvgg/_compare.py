@@ -36,9 +36,9 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Row:
-    """One line of the comparison. ``status``: ok, gate failed, not checked, emulated, accuracy
-    only, skipped, error, or reference (the PyTorch rows); ``why`` says what lies behind a status
-    that is not ok."""
+    """One line of the comparison. ``status``: ok, gate failed, emulated, accuracy only (each may
+    add ", not checked" for a gate that could not be evaluated), skipped, error, or reference (the
+    PyTorch rows); ``why`` says what lies behind a status that is not ok."""
 
     name: str
     backend: str
@@ -131,8 +131,9 @@ def _int8_convs(report: ExportReport, spec: QuantSpec | None, n_convs: int) -> s
 def _row(profile: Profile, report: ExportReport, spec: QuantSpec | None, n_convs: int, extra_why: str = "") -> Row:
     acc, lat = report.accuracy, report.latency
     failed, unchecked = check_gates(profile, report)
-    status = ("gate failed" if failed else "not checked" if unchecked else "emulated" if report.emulated
-              else "accuracy only" if extra_why else "ok")  # fmt: skip
+    status = "gate failed" if failed else "emulated" if report.emulated else "accuracy only" if extra_why else "ok"
+    if unchecked and not failed:  # never shown as passed: "not checked", or e.g. "emulated, not checked"
+        status = "not checked" if status == "ok" else f"{status}, not checked"
     why = "; ".join([*failed, *unchecked, *report.notes, *([extra_why] if extra_why else [])])
     tput = next((v for k, v in lat.items() if k != "batch1"), None)
     return Row(
