@@ -236,7 +236,8 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
     torch_threads = threads or torch.get_num_threads()
 
     def spec_for(profile: Profile, target) -> QuantSpec:
-        c = constraints_for(profile.constraints or target.constraint_set, weight_bits=weight_bits or profile.weight_bits)
+        c = constraints_for(profile.constraints or target.constraint_set, weight_bits=weight_bits or profile.weight_bits,
+                            cpu_flags=profile.cpu_flags)  # fmt: skip
         if spec is not None:
             if spec.constraints.name != c.name:
                 raise _Skip(f"the given QuantSpec is for the {spec.constraints.name} scheme, this profile needs {c.name}; "
@@ -265,10 +266,10 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         if why:
             rows.append(Row.skipped(profile, "skipped", why))
             continue
-        target = get_target(profile.backend)
+        options = ExportOptions(threads=profile.threads or threads, latency=profile.runs_on_this_arch()).with_profile(profile)
+        target = get_target(profile.backend, **options.target_settings(profile.backend))
         here = profile.runs_on_this_arch()
         arch_why = "" if here else f"latency not measured: the profile is for {profile.arch}, this machine is {platform.machine()}"
-        options = ExportOptions(threads=profile.threads or threads, latency=here, throughput_batch=profile.batch)
         try:
             q = spec_for(profile, target) if profile.precision == "int8" else None
             report = export(plain, target, out_dir / profile.name, profile.precision, q, data, refs=refs_for(q), options=options)

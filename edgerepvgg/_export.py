@@ -65,6 +65,8 @@ class ExportOptions:
     constraints: str | None = None
     weight_bits: int | None = None
     eval_limit: int | None = None
+    cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags: its integer scheme (None: this host's)
+    tensorrt_version: str | None = None  # the device's TensorRT: the Q/DQ weight layout and build flags
 
     def __post_init__(self) -> None:
         for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
@@ -79,26 +81,34 @@ class ExportOptions:
         and its throughput batch."""
         return replace(self, threads=self.threads or profile.threads, throughput_batch=profile.batch,
                        constraints=self.constraints or profile.constraints,
-                       weight_bits=self.weight_bits or profile.weight_bits)  # fmt: skip
+                       weight_bits=self.weight_bits or profile.weight_bits,
+                       cpu_flags=self.cpu_flags if self.cpu_flags is not None else profile.cpu_flags,
+                       tensorrt_version=self.tensorrt_version or profile.tensorrt_version)  # fmt: skip
+
+    def target_settings(self, backend: str) -> dict:
+        """What the device says to the target itself (TensorRT: its version)."""
+        return {"version": self.tensorrt_version} if backend == "tensorrt" and self.tensorrt_version else {}
 
 
-def resolve_target(target: str | Path | Target | Profile) -> tuple[Target, Profile | None]:
-    """A target and the device profile it came from: a backend name, a profile (object, ``.toml``
-    file or shipped profile name), or a Target object."""
+def resolve_target(target: str | Path | Target | Profile, options: ExportOptions | None = None
+                   ) -> tuple[Target, Profile | None, ExportOptions]:  # fmt: skip
+    """A target, the device profile it came from (a backend name, a profile object, ``.toml`` file
+    or shipped profile name, or a Target object) and the options with the profile's filled in; the
+    target is built for the device (e.g. its TensorRT version)."""
     from edgerepvgg.profiles import shipped_profiles
     from edgerepvgg.targets import target_names
 
-    if isinstance(target, Profile):
-        return get_target(target.backend), target
-    if not isinstance(target, (str, Path)):
-        return target, None
-    if str(target) in target_names():
-        return get_target(str(target)), None
-    profile = lookup(target)
-    if profile is None:
+    options = options or ExportOptions()
+    if not isinstance(target, (str, Path, Profile)):
+        return target, None, options
+    profile = target if isinstance(target, Profile) else None if str(target) in target_names() else lookup(target)
+    if profile is None and str(target) not in target_names():
         raise UserError(f"unknown target or profile {str(target)!r}; pass a backend ({', '.join(target_names())}), "
                         f"a shipped profile ({', '.join(p.stem for p in shipped_profiles())}) or a .toml file")  # fmt: skip
-    return get_target(profile.backend), profile
+    if profile is not None:
+        options = options.with_profile(profile)
+    backend = profile.backend if profile is not None else str(target)
+    return get_target(backend, **options.target_settings(backend)), profile, options
 
 
 def resolve_model(model: PlainNet | str | Path | None, **variant) -> tuple[PlainNet, torch.nn.Module | None]:
@@ -123,10 +133,12 @@ def calibration_set(plain: PlainNet, images: Images) -> TensorDataset:
 
 def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantSpec | str | Path | None = None, images: Images = None,
                    calibration: CalibrationConfig | str | None = None, weight_bits: int | None = None,
-                   cache: bool | None = None, progress: bool = False) -> tuple[QuantSpec, str]:  # fmt: skip
+                   cache: bool | None = None, progress: bool = False,
+                   cpu_flags: tuple[str, ...] | None = None) -> tuple[QuantSpec, str]:  # fmt: skip
     """The QuantSpec an INT8 build uses and where it came from: ``spec`` (an object or a JSON
     file, checked against the model), or a calibration on ``images`` for the ``constraints``
-    scheme (a Constraints, or a name whose weight width ``weight_bits`` overrides)."""
+    scheme (a Constraints, or a name resolved for the device's ``cpu_flags`` (None: this host), whose
+    weight width ``weight_bits`` overrides)."""
     if spec is not None:
         if images is not None:
             raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
@@ -135,7 +147,8 @@ def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantS
         require_spec_for(plain, spec)
         return spec, origin
     data = calibration_set(plain, images)
-    scheme = constraints if isinstance(constraints, Constraints) else constraints_for(constraints, weight_bits=weight_bits)
+    scheme = constraints if isinstance(constraints, Constraints) else constraints_for(constraints, weight_bits=weight_bits,
+                                                                                        cpu_flags=cpu_flags)  # fmt: skip
     config = CalibrationConfig.of(calibration or CalibrationConfig())
     spec = calibrate(plain, data, scheme, config, progress=progress, cache=False if cache is False else None)
     skipped = f", {len(data.skipped)} unreadable files skipped" if data.skipped else ""
@@ -341,10 +354,7 @@ def export(
     (a data set or a folder), ``False`` for no check; by default the model's own test set, or,
     without one, agreement only on the calibration images.
     """
-    target, profile = resolve_target(target)
-    options = options or ExportOptions()
-    if profile is not None:
-        options = options.with_profile(profile)
+    target, profile, options = resolve_target(target, options)
     precision = precision or (profile.precision if profile else "int8" if spec is not None else "fp32")
     if precision not in PRECISIONS:
         raise UserError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
@@ -367,7 +377,7 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     origin = ""
     if precision == "int8":
         spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
-                                      options.weight_bits, cache, progress)  # fmt: skip
+                                      options.weight_bits, cache, progress, options.cpu_flags)  # fmt: skip
     data = default_evaluation(plain, eval_set, images, options.eval_limit)
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     runner = target.load(artifact, options.threads)

@@ -316,10 +316,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from edgerepvgg._export import REPORT_FILE, ExportOptions, export, resolve_target
     from edgerepvgg.report import export_text
 
-    resolve_target(args.target)  # an unknown target fails before the model is read
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
                             fixed_batch=args.fixed_batch, constraints=args.constraints, weight_bits=args.weight_bits,
-                            eval_limit=args.eval_limit)  # fmt: skip
+                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version)  # fmt: skip
+    resolve_target(args.target, options)  # an unknown target fails before the model is read
     plain, _ = _plain(args)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
                     False if args.no_eval else args.eval_images, images=args.images, calibration=_calibration(args),
@@ -451,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
     s.add_argument("--threads", type=POSITIVE, help="runtime threads (default: the runtime's own choice)")
     s.add_argument("--throughput-batch", type=POSITIVE, default=16, help="batch for the throughput figure (default 16)")
+    s.add_argument("--tensorrt-version", metavar="X.Y", help="the device's TensorRT (e.g. 8.6 on JetPack 6.0): its weight layout "
+                   "and build flags (default: the profile's, else the installed one, else 10+)")  # fmt: skip
     s.add_argument("--fixed-batch", type=POSITIVE, metavar="N", help="fix the artifact's batch dimension to N (default: dynamic); "
                    "it is then checked and timed at batch N")  # fmt: skip
     _output(s, None, "output folder (default export/TARGET-PRECISION or export/PROFILE)")

@@ -40,10 +40,11 @@ def minmax_spec(plain: PlainNet, c: Constraints, x: torch.Tensor | None = None) 
         return TensorQuant(c.activation, (s,), (z,))
 
     layers = []
-    for name, m in zip(plain.layer_names(), [*plain.convs, plain.head]):
+    for i, (name, m) in enumerate(zip(plain.layer_names(), [*plain.convs, plain.head])):
+        grid = c.layer_weight(i)
         wmax = m.weight.detach().abs().flatten(1).max(1).values.clamp_min(1e-8)
-        scales = tuple(float(v) / c.weight.qmax for v in wmax)
-        layers.append(LayerQuant(name, act(name), TensorQuant(c.weight, scales, (0,) * len(scales))))
+        scales = tuple(float(v) / grid.qmax for v in wmax)
+        layers.append(LayerQuant(name, act(name), TensorQuant(grid, scales, (0,) * len(scales))))
     out = act("output") if c.int_output else None
     return QuantSpec(c, tuple(layers), act("pool"), out, model_hash(plain), {"method": "test-minmax"})
 

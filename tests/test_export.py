@@ -251,3 +251,35 @@ def test_no_report_mentions_an_absolute_path_inside_its_folder(plain, tmp_path):
     text = (tmp_path / "trt" / REPORT_FILE).read_text()
     assert str(tmp_path) not in text
     assert json.loads(text)["artifact"]["path"] == "model.onnx"
+
+
+def test_a_profile_tensorrt_version_chooses_the_weight_layout(plain, tmp_path):
+    from edgerepvgg.profiles import Profile
+
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    old = export(plain, Profile("jp60", "tensorrt", "int8", tensorrt_version="8.6"), tmp_path / "jp60", spec=spec,
+                 eval_set=False, options=ExportOptions(latency=False))  # fmt: skip
+    new = export(plain, "tensorrt", tmp_path / "trt10", "int8", spec, eval_set=False,
+                 options=ExportOptions(latency=False, tensorrt_version="10.3"))  # fmt: skip
+    assert old.artifact["info"]["weight_layout"] == "qdq" and new.artifact["info"]["weight_layout"] == "int8"
+    weights = {i.name: i.data_type for i in onnx.load(str(tmp_path / "jp60" / "model.onnx")).graph.initializer}
+    assert weights["convs.0.weight.float"] == onnx.TensorProto.FLOAT  # TensorRT 8.x: float weights behind Q -> DQ
+    assert onnx.TensorProto.INT8 not in {t for n, t in weights.items() if n.endswith("weight.float")}
+
+
+def test_a_profile_cpu_flags_decide_the_cpu_scheme(plain, eval_set, tmp_path):
+    from edgerepvgg.profiles import Profile
+
+    calib = eval_set
+    vnni = export(plain, Profile("xeon", "onnxruntime", "int8", cpu_flags=("avx2", "avx512_vnni")), tmp_path / "a",
+                  images=calib, eval_set=False, calibration="minmax", options=ExportOptions(latency=False))  # fmt: skip
+    old = export(plain, Profile("old", "onnxruntime", "int8", cpu_flags=("avx2", "fma")), tmp_path / "b",
+                 images=calib, eval_set=False, calibration="minmax", options=ExportOptions(latency=False))  # fmt: skip
+    assert vnni.quant["constraints"] == "onnxruntime"
+    assert old.quant["constraints"] == "onnxruntime-w7first"
+
+
+def test_cli_bad_tensorrt_version_is_one_line(cli, tmp_path):
+    code, _, err = cli("export", "--target", "tensorrt", "--int8", "--tensorrt-version", "8.0", "-o", str(tmp_path / "x"))
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "8.5" in err
+    assert not (tmp_path / "x").exists()

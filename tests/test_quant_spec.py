@@ -237,6 +237,7 @@ def test_narrowing_a_layer_keeps_its_clip_range_and_only_that_layer():
     assert first.scheme.bits == 7 and (first.scheme.qmin, first.scheme.qmax) == (-63, 63)
     assert [s * 63 for s in first.scale] == pytest.approx([s * 127 for s in old.scale])  # same max|w|
     assert narrow.layers[1:] == spec.layers[1:] and narrow.pool == spec.pool
+    assert narrow.constraints.name == "onnxruntime-w7first"  # the spec says what it is for
     with pytest.raises(UserError, match="no layer 'convs.99'"):
         narrow_layer_weights(spec, ["convs.99"], 7)
 
@@ -251,7 +252,7 @@ def test_a_first_layer_rule_gives_only_the_first_conv_its_width():
 
 
 def test_a_spec_holds_its_first_conv_at_the_width_its_constraints_say():
-    # producers that give every layer constraints.weight (calibrate, QAT) get the rule applied
+    # producers (calibrate, these tests' helper) give each layer constraints.layer_weight(i)
     c = CONSTRAINT_SETS["openvino"].with_first_layer_weight_bits(7)
     spec = minmax_spec(tiny_plain(), c)
     assert [layer.weight.scheme.bits for layer in spec.layers] == [7] + [8] * (len(spec.layers) - 1)

@@ -403,7 +403,7 @@ def analyze(
         w = modules.get(name)
         rows.append(LayerAnalysis(
             name,
-            weight_stats(w.weight, constraints.weight, config.weight_method) if w is not None else None,
+            weight_stats(w.weight, chosen.layer(name).weight.scheme, config.weight_method) if w is not None else None,
             activation_stats(stats, name, chosen.pool if name == "pool" else chosen.layer(name).input),
             sens["naive"][name], sens["chosen"][name],
         ))  # fmt: skip

@@ -176,11 +176,12 @@ def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints
         return _tensor_quant(lo, hi, act)
 
     layers = []
-    for name, module in zip(plain.layer_names(), [*plain.convs, plain.head]):
-        scales = weight_scales(module.weight.detach(), constraints.weight, config.weight_method)
+    for i, (name, module) in enumerate(zip(plain.layer_names(), [*plain.convs, plain.head])):
+        grid = constraints.layer_weight(i)  # the first conv may be narrower (CPUs without VNNI)
+        scales = weight_scales(module.weight.detach(), grid, config.weight_method)
         if config.per_tensor_weights:
             scales = torch.full_like(scales, float(scales.max()))
-        weight = TensorQuant(constraints.weight, tuple(float(s) for s in scales), (0,) * len(scales))
+        weight = TensorQuant(grid, tuple(float(s) for s in scales), (0,) * len(scales))
         layers.append(LayerQuant(name, act_quant(name), weight))
     output = act_quant("output") if constraints.int_output else None
     calibration = {**config.record(), "images": stats.images, "source": stats.source, "fingerprint": stats.fingerprint}

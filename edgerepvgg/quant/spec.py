@@ -257,12 +257,6 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if (self.output is not None) != self.constraints.int_output:
             raise ValueError(f"constraint set {self.constraints.name!r} {'needs' if self.constraints.int_output else 'takes no'} output quantizer")
-        first_bits = self.constraints.first_layer_weight_bits
-        if first_bits is not None and self.layers and self.layers[0].weight.scheme.bits == self.constraints.weight.bits != first_bits:
-            # A producer that gave every layer ``constraints.weight`` (calibrate, QAT): the first
-            # conv's weights go onto their narrower grid, over the same clip range.
-            narrowed = narrow_layer_weights(self, [self.layers[0].name], first_bits)
-            object.__setattr__(self, "layers", narrowed.layers)
 
     def layer(self, name: str) -> LayerQuant:
         for layer in self.layers:
@@ -330,7 +324,10 @@ def narrow_layer_weights(spec: QuantSpec, names: Sequence[str], bits: int) -> Qu
             scale = tuple(s * old.scheme.qmax / scheme.qmax for s in old.scale)
             layer = replace(layer, weight=TensorQuant(scheme, scale, old.zero_point))
         layers.append(layer)
-    return replace(spec, layers=tuple(layers))
+    constraints = spec.constraints
+    if list(names) == [spec.layers[0].name] and bits < constraints.weight.bits:  # the first-layer rule: say so in the name
+        constraints = constraints.with_first_layer_weight_bits(bits)
+    return replace(spec, constraints=constraints, layers=tuple(layers))
 
 
 def load_spec(path: str | Path) -> QuantSpec:

@@ -49,8 +49,9 @@ def target_names() -> list[str]:
     return list(_REGISTRY)
 
 
-def get_target(name: str) -> Target:
-    """The target called ``name``; an unknown name is a one-line error listing the known ones."""
+def get_target(name: str, **settings) -> Target:
+    """The target called ``name``, built with its device ``settings`` (e.g. TensorRT's
+    ``version``); an unknown name is a one-line error listing the known ones."""
     try:
         module_name, cls_name = _REGISTRY[name].split(":")
     except KeyError:
@@ -61,7 +62,7 @@ def get_target(name: str) -> Target:
         if exc.name == module_name:
             raise UserError(f"target {name!r} is not implemented in this version of edgerepvgg") from None
         raise
-    return getattr(module, cls_name)()
+    return getattr(module, cls_name)(**settings)
 
 
 def cannot_export(target: Target) -> str | None:
