@@ -256,7 +256,7 @@ def _analyze(args: argparse.Namespace) -> int:
     print(f"{plain.name} for {scheme_text(c)}: statistics from "
           f"{len(images)} images of {images.source}, accuracy on {len(eval_set)} images of {eval_set.source}")  # fmt: skip
     print(f"{table(result)}\n{TABLE_LEGEND}\n\n{summary(result)}")
-    print(f"wrote {json_path} and {png_path}")
+    print(f"wrote {json_path}" + (f" and {png_path}" if png_path else ""))
     return EXIT_OK
 
 

@@ -6,14 +6,18 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgerepvgg.errors import install_hint, missing
 from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.machine import machine_info
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from edgerepvgg._compare import Comparison
@@ -197,6 +201,9 @@ def write_comparison(comparison: "Comparison", out_dir: str | Path) -> dict[str,
           f"{', '.join(machine['isa']) or 'no listed ISA extensions'}), {machine['date']}.", "",
           markdown_table(header, body), "", *notes, ""]  # fmt: skip
     write_text_atomic(paths["md"], "\n".join(md))
+    if missing("matplotlib"):  # the figures are all in the other files; the plot is optional
+        log.warning("no %s: %s", paths.pop("png"), install_hint("matplotlib", "plots"))
+        return paths
     with atomic_path(paths["png"]) as tmp:
         plot_comparison(comparison, tmp)
     return paths

@@ -220,3 +220,21 @@ def test_a_profile_reads_the_device_cpu_flags_and_tensorrt_version(tmp_path):
     assert load_profile(path).tensorrt_version == "8.6"
     path.write_text('backend = "openvino"\ncpu_flags = ["AVX2", "fma"]\n')
     assert load_profile(path).cpu_flags == ("avx2", "fma")
+
+
+def test_without_matplotlib_compare_writes_every_file_but_the_plot(plain, data, tmp_path, monkeypatch, caplog):
+    import edgerepvgg.report as report
+
+    result = compare(plain, [Profile("ort", "onnxruntime", "fp32", threads=1)], tmp_path, None, data, progress=False)
+    monkeypatch.setattr(report, "missing", lambda module: module == "matplotlib")
+    paths = write_comparison(result, tmp_path / "out")
+    assert set(paths) == {"json", "csv", "md"} and all(p.exists() for p in paths.values())
+    assert not (tmp_path / "out" / "compare.png").exists() and "edgerepvgg[plots]" in caplog.text
+
+
+def test_without_onnxsim_the_fp32_graph_is_written_as_built(plain, monkeypatch):
+    import edgerepvgg.targets.onnx_graph as onnx_graph
+
+    monkeypatch.setattr(onnx_graph, "missing", lambda module: module == "onnxsim")
+    model = onnx_graph.build_model(plain)
+    assert onnx_graph.simplify(model) is model

@@ -4,16 +4,22 @@ aligned table and its legend, the summary text, the four-panel plot, and the two
 
 from __future__ import annotations
 
+import logging
+
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from edgerepvgg.errors import install_hint, missing
 from edgerepvgg.io import atomic_path, output_dir, write_text_atomic
 
 if TYPE_CHECKING:
     from edgerepvgg.quant.analysis import Analysis
+
+
+log = logging.getLogger(__name__)
 
 
 def findings(a: Analysis) -> list[str]:
@@ -167,11 +173,16 @@ def plot(a: Analysis, path: str | Path) -> Path:
     return path
 
 
-def write(a: Analysis, out_dir: str | Path) -> tuple[Path, Path]:
+def write(a: Analysis, out_dir: str | Path) -> tuple[Path, Path | None]:
     """``out_dir/analysis.json`` and ``out_dir/analysis.png``, each written atomically (the folder
-    is created; a path that is not a folder is a one-line ``UserError``)."""
+    is created; a path that is not a folder is a one-line ``UserError``). Without matplotlib the
+    plot is skipped with a warning naming the extra that adds it (``None``)."""
     out_dir = output_dir(out_dir, "analysis.json and analysis.png")
-    return write_text_atomic(out_dir / "analysis.json", a.to_json() + "\n"), plot(a, out_dir / "analysis.png")
+    json_path = write_text_atomic(out_dir / "analysis.json", a.to_json() + "\n")
+    if missing("matplotlib"):
+        log.warning("no analysis.png: %s", install_hint("matplotlib", "plots"))
+        return json_path, None
+    return json_path, plot(a, out_dir / "analysis.png")
 
 
 __all__ = ["TABLE_LEGEND", "findings", "plot", "summary", "table", "write"]

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from edgerepvgg.errors import UserError
+from edgerepvgg.errors import UserError, install_hint, missing
 from edgerepvgg.io import atomic_path
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.emulate import quantize
@@ -211,6 +211,9 @@ def build_model(plain: PlainNet, spec: QuantSpec | None = None, batch: int | Non
 def simplify(model):
     """Run onnxsim on an FP32 graph (with its numeric self-check); Q/DQ graphs are left alone,
     because constant folding would fold the weight DequantizeLinear nodes TensorRT needs."""
+    if missing("onnxsim"):  # optional: the graph is written node by node and has nothing to fold
+        log.info("not simplifying the FP32 graph: %s", install_hint("onnxsim", "cpu"))
+        return model
     import onnxsim
 
     simplified, ok = onnxsim.simplify(model)
