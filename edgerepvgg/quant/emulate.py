@@ -92,26 +92,34 @@ def float32_parts(wq: torch.Tensor, input_quant: TensorQuant) -> list[torch.Tens
     return None
 
 
+FLOAT_LAYERS = ("fp32", "fp16")  # how a target runs the layers a spec keeps in float
+
+
 class IntegerNet(nn.Module):
     """The integer function of ``plain`` under ``spec``; float in, float logits out.
 
     Weights are quantized once at construction. Between layers the activations are carried as the
     real values the integers stand for (float64, exact), and each integer layer quantizes its input
     onto its grid: for a ReLU output that is the requantization step. Layers the spec keeps in
-    ``float`` precision compute in float64 on unquantized input. ``forward(x, observe)`` reports
+    ``float`` precision compute in float64 on unquantized input, or, with ``float_layers="fp16"``,
+    as an FP16 kernel does (input, weights and bias rounded to FP16, output rounded to FP16:
+    TensorRT's mixed-precision layers). ``forward(x, observe)`` reports
     the integer values at every activation point, so a target can be compared layer by layer.
 
     ``keep_float`` names quantizers outside the layers (``pool``, ``output``) to leave out too:
     no target runs that, but it lets the sensitivity analysis quantize one quantizer alone with
     this same function (:func:`edgerepvgg.quant.analysis.quantized_only`)."""
 
-    def __init__(self, plain: PlainNet, spec: QuantSpec, keep_float: Collection[str] = ()):
+    def __init__(self, plain: PlainNet, spec: QuantSpec, keep_float: Collection[str] = (), float_layers: str = "fp32"):
         super().__init__()
         require_spec_for(plain, spec)
         unknown = set(keep_float) - set(ACTIVATION_QUANTIZERS)
         if unknown:
             raise ValueError(f"keep_float takes {' and '.join(ACTIVATION_QUANTIZERS)}, got {sorted(unknown)}")
+        if float_layers not in FLOAT_LAYERS:
+            raise ValueError(f"float_layers is one of {', '.join(FLOAT_LAYERS)}, got {float_layers!r}")
         self.spec = spec
+        self.float_layers = float_layers
         self.quantize_pool = "pool" not in keep_float
         self.quantize_output = spec.output is not None and "output" not in keep_float
         self.rounding = spec.constraints.rounding
@@ -138,6 +146,9 @@ class IntegerNet(nn.Module):
                 return nn.functional.conv2d(inp, w, b, self.strides[i], 1, 1, self.groups[i])
             return nn.functional.linear(inp, w, b)
 
+        if layer.precision == "float" and self.float_layers == "fp16":  # as an FP16 kernel: rounded in and out
+            half = [t.half().float() for t in (x, self.weights[i], self.biases[i])]
+            return apply(*half).half().double()
         if layer.precision == "float":
             return apply(x, self.weights[i], self.biases[i])
         q = layer.input

@@ -451,28 +451,10 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, shapes: tuple[t
 # The referee for float layers in FP16
 
 
-class FP16FloatLayersNet(IntegerNet):
-    """IntegerNet with the spec's float layers computed as TensorRT runs them from this target's
-    graph: input, weights and bias rounded to FP16, sums in float32, output rounded to FP16 (the
-    quantized layers are IntegerNet's, unchanged). The referee for an INT8 artifact whose
-    ``info["float_layers"]`` is ``"fp16"``."""
-
-    def _layer(self, i: int, x: torch.Tensor, observe=None) -> torch.Tensor:
-        layer = self.spec.layers[i]
-        if layer.precision != "float":
-            return super()._layer(i, x, observe)
-        half = [t.half().float() for t in (x, self.weights[i], self.biases[i])]
-        if i < len(self.strides):
-            y = torch.nn.functional.conv2d(half[0], half[1], half[2], self.strides[i], 1, 1, self.groups[i])
-        else:
-            y = torch.nn.functional.linear(*half)
-        return y.half().double()
-
-
 def reference_net(plain: PlainNet, spec: QuantSpec, float_layers: str = "fp32") -> IntegerNet:
     """What a TensorRT INT8 artifact should compute: IntegerNet, with the spec's float layers in
     FP16 where the graph writes them so (``float_layers="fp16"``, ``info["float_layers"]``)."""
-    return FP16FloatLayersNet(plain, spec) if float_layers == "fp16" else IntegerNet(plain, spec)
+    return IntegerNet(plain, spec, float_layers=float_layers)
 
 
 # ---------------------------------------------------------------------------------------------
