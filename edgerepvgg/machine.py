@@ -193,14 +193,27 @@ def cpu_flags() -> set[str]:
     return set(host_features().flags)
 
 
+# Distributions that provide the same module: any of them is "the" package (never replaced).
+ALTERNATIVES = {
+    "onnxruntime": ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-training"),
+    "ai-edge-litert": ("ai-edge-litert", "tflite-runtime"),
+}  # fmt: skip
+
+
 def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
-    """Installed versions of ``packages`` (distribution names), 'not installed' otherwise."""
+    """Installed versions of ``packages`` (distribution names; a package with alternative
+    distributions, such as onnxruntime-gpu, reports the one installed as "name version"),
+    'not installed' otherwise."""
     out = {}
     for name in packages:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
+        out[name] = "not installed"
+        for dist in ALTERNATIVES.get(name, (name,)):
+            try:
+                version = importlib.metadata.version(dist)
+            except importlib.metadata.PackageNotFoundError:
+                continue
+            out[name] = version if dist == name else f"{dist} {version}"
+            break
     return out
 
 

@@ -147,3 +147,19 @@ def test_openvino_unavailable_names_the_extra_that_adds_it(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     assert "pip install 'edgerepvgg[openvino]'" in OpenVINOTarget().available()
+
+
+def test_versions_name_the_onnx_runtime_distribution_that_is_installed(monkeypatch):
+    import importlib.metadata
+
+    from edgerepvgg import machine
+
+    installed = {"onnxruntime-gpu": "1.20.0"}
+
+    def version(dist):
+        if dist not in installed:
+            raise importlib.metadata.PackageNotFoundError(dist)
+        return installed[dist]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    assert machine.versions(("onnxruntime", "openvino")) == {"onnxruntime": "onnxruntime-gpu 1.20.0", "openvino": "not installed"}
