@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import math
+import textwrap
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -237,14 +238,15 @@ def comparison_figure(comparison: "Comparison"):
     if points:
         _latency_axis(ax, [ms for _, ms, _ in points])
         ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize=8, frameon=False)
-    missing = [r.name for r in comparison.rows if r.top1 is not None and r.p50_ms is None]
+    unplotted = [r.name for r in comparison.rows if r.top1 is not None and r.p50_ms is None]
     title = f"{comparison.model}: top-1 vs batch-1 latency ({comparison.eval_images} images)"
     ax.set_title(title, fontsize=10)
     ax.set_ylabel("top-1 %")
     ax.grid(True, alpha=0.3)
-    if missing:
-        fig.text(0.01, 0.01, "accuracy only, not plotted: " + ", ".join(missing), fontsize=7)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    footer = textwrap.wrap("accuracy only, not plotted: " + ", ".join(unplotted), 170) if unplotted else []
+    for i, line in enumerate(footer):  # wrapped: a long list would run off the figure
+        fig.text(0.01, 0.01 + 0.025 * (len(footer) - 1 - i), line, fontsize=7)
+    fig.tight_layout(rect=(0, 0.03 + 0.025 * len(footer), 1, 1))
     return fig
 
 
