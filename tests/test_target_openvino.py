@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from edgerepvgg import UserError
+from edgerepvgg.machine import needs_reduced_weight_range
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.targets.openvino import OpenVINOTarget, check_int8, int8_coverage
@@ -22,7 +23,11 @@ from quant_helpers import minmax_spec
 REASON = OpenVINOTarget().available()
 pytestmark = pytest.mark.skipif(REASON is not None, reason=REASON or "")
 
-OPENVINO = constraints_for("openvino")
+# Weights this CPU's integer kernels hold exactly: these tests pin OpenVINO to IntegerNet, so on x86
+# without VNNI every layer gets 7 bits. The default there narrows only the first conv, which is
+# exact on the bundled model (benchmarks/results/first_layer_weights.md) but not on this tiny net
+# with randomized BN: deeper layers saturate too (19 of 64 rows within 1e-4, argmax still >= 98%).
+OPENVINO = constraints_for("openvino", weight_bits=7 if needs_reduced_weight_range() else None)
 ALL_LAYERS = [f"convs.{i}" for i in range(22)] + ["head"]  # RepVGG-A0: 22 convs, then the head
 
 
