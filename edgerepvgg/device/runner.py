@@ -116,6 +116,8 @@ class OnnxRuntimeSession:
 class OpenVINOSession:
     def __init__(self, path, threads):
         ov = import_runtime("openvino")
+        if not hasattr(ov, "Core"):  # OpenVINO before 2023.1 keeps the API in openvino.runtime
+            ov = importlib.import_module("openvino.runtime")
         core = ov.Core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
