@@ -55,6 +55,13 @@ def _clean_env() -> dict[str, str]:
 
 
 @needs_checkout
+def test_every_subpackage_of_the_source_is_listed_for_the_wheel():
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    source = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "edgerepvgg").rglob("__init__.py")}
+    assert source <= listed, f"add {sorted(source - listed)} to [tool.setuptools] packages"
+
+
+@needs_checkout
 def test_core_dependencies_are_what_import_fuse_and_calibrate_need():
     deps = {_name(r): r for r in _pyproject()["project"]["dependencies"]}
     # runtimes, the simplifier and plotting are extras: each can be missing (a skipped row)
