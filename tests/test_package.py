@@ -44,7 +44,11 @@ def import_graph() -> dict[str, set[str]]:
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
             elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                # `from pkg import submodule` depends on the submodule, not on pkg's __init__
+                subs = [f"{node.module}.{a.name}" for a in node.names]
+                targets = [t for t in subs if t in modules] or [node.module]
+                if len(targets) < len(subs):  # some names are attributes of node.module itself
+                    targets.append(node.module)
             for t in targets:
                 while t and t not in modules:
                     t = t.rpartition(".")[0]
