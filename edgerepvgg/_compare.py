@@ -10,25 +10,27 @@ from __future__ import annotations
 
 import logging
 import platform
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
 from edgerepvgg._export import (
-    NO_LABELS, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
+    NO_LABELS, SPEC_FILE, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
     quant_spec_for, references, resolve_model, score,
 )  # fmt: skip
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import claimed_output_dir
-from edgerepvgg.evaluate import measure_latency, predict
+from edgerepvgg.device import read_manifest, read_result
+from edgerepvgg.evaluate import Latency, measure_latency, predict
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.profiles import Profile, resolve, shipped_profiles
+from edgerepvgg.profiles import Profile, lookup, resolve, shipped_profiles
 from edgerepvgg.quant.calibrate import CalibrationConfig
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.quant.spec import QuantSpec, constraints_for, load_spec, require_spec_for
+from edgerepvgg.quant.spec import QuantSpec, constraints_for, load_spec, model_hash, require_spec_for
 from edgerepvgg.targets import cannot_export, get_target
 
 log = logging.getLogger(__name__)
@@ -192,6 +194,8 @@ def compare(
     strict: bool = False,
     cache: bool | None = None,
     progress: bool = True,
+    bundles: bool = False,
+    results: list[str | Path] | None = None,
 ) -> Comparison:
     """Run every profile on ``model`` and return the rows.
 
@@ -200,22 +204,25 @@ def compare(
     ``images``, or use ``spec`` (e.g. a QAT result) where its scheme is the profile's; profiles of
     another scheme are then skipped, saying so. ``eval_set`` as in :func:`export`: labelled images
     by default, else agreement only on the calibration images. ``strict``: a gate that cannot be
-    checked fails."""
+    checked fails. ``bundles``: each export also writes a device bundle. ``results``: device result
+    folders (``BUNDLE/result``, or the bundle itself) scored like host rows, with the same gates."""
     names = [p for p in (profiles or []) if not isinstance(p, Profile)]
     chosen = [p for p in (profiles or []) if isinstance(p, Profile)]
     if names:
         chosen += resolve([str(n) for n in names])
     if profiles is None:
         chosen = resolve([str(p) for p in shipped_profiles()])
-    if not chosen:
+    if results and profiles is None:
+        chosen = []  # scoring device results alone
+    if not chosen and not results:
         raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
     with claimed_output_dir(out_dir, "the comparison"):
         return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
-                        eval_limit, strict, cache, progress)  # fmt: skip
+                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()])  # fmt: skip
 
 
 def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
-             threads, eval_limit, strict, cache, progress) -> Comparison:  # fmt: skip
+             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path]) -> Comparison:  # fmt: skip
     plain, loaded_train_model = resolve_model(model)
     train_model = train_model if train_model is not None else loaded_train_model
     if spec is not None:
@@ -266,13 +273,13 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         if why:
             rows.append(Row.skipped(profile, "skipped", why))
             continue
-        options = ExportOptions(threads=profile.threads or threads, latency=profile.runs_on_this_arch()).with_profile(profile)
+        options = ExportOptions(threads=profile.threads or threads, latency=profile.runs_on_this_arch(), bundle=bundles).with_profile(profile)
         target = get_target(profile.backend, **options.target_settings(profile.backend))
         here = profile.runs_on_this_arch()
         arch_why = "" if here else f"latency not measured: the profile is for {profile.arch}, this machine is {platform.machine()}"
         try:
             q = spec_for(profile, target) if profile.precision == "int8" else None
-            report = export(plain, target, out_dir / profile.name, profile.precision, q, data, refs=refs_for(q), options=options)
+            report = export(plain, profile, out_dir / profile.name, profile.precision, q, data, refs=refs_for(q), options=options)
         except _Skip as exc:
             rows.append(Row.skipped(profile, "skipped", str(exc)))
             continue
@@ -280,6 +287,13 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
             rows.append(Row.skipped(profile, "error", str(exc)))
             continue
         rows.append(_row(profile, report, q, n_convs, arch_why))
+
+    device_specs: dict[str, QuantSpec] = {}
+    for where in results:  # measured on a device: scored exactly like the host rows
+        row, q = _device_row(where, plain, data, chosen, n_convs, refs_for, spec)
+        rows.append(row)
+        if q is not None:
+            device_specs[q.constraints.name] = q
 
     # PyTorch reference rows: the train-time model, the fused PlainNet, and each INT8 emulation.
     torch.set_num_threads(torch_threads)
@@ -291,13 +305,48 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
                                    16, True, "the multi-branch model before fusion"))  # fmt: skip
     ref_rows.append(_torch_row("pytorch-fused", "this CPU (PyTorch)", "fp32", plain, plain, fp32_refs, fp32_refs.fp32,
                                16, True, "the plain 3x3 network every target is compiled from"))  # fmt: skip
-    used = dict(specs) if spec is None else {spec.constraints.name: spec}
+    used = {**device_specs, **(dict(specs) if spec is None else {spec.constraints.name: spec})}
     for name, q in used.items():
         r = refs_for(q)
         ref_rows.append(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, q), plain, r,
                                    r.emulation, 16, False, "the referee: what every INT8 target should compute"))  # fmt: skip
     source = data.source + ("" if data.labelled else f" ({NO_LABELS})")
     return Comparison(tuple(ref_rows + rows), source, len(data), plain.name, data.labelled, strict)
+
+
+def _device_row(where: Path, plain: PlainNet, data: TensorDataset, profiles: list[Profile], n_convs: int, refs_for,
+                spec: QuantSpec | None) -> tuple[Row, QuantSpec | None]:  # fmt: skip
+    """A row for a device result folder: its logits scored against this comparison's labels, FP32
+    and the emulation of the QuantSpec it was built with (saved beside the bundle by ``export``),
+    its latency as the device measured it, and its profile's gates."""
+    bundle = where if (where / "manifest.json").is_file() else where.parent
+    result_dir = where / "result" if where == bundle else where
+    manifest = read_manifest(bundle)
+    result = read_result(result_dir, manifest)
+    if result.model_hash != model_hash(plain):
+        raise UserError(f"{result_dir} was measured with another model (hash {result.model_hash}); pass the checkpoint its bundle was made from")
+    inputs = np.load(bundle / manifest["inputs"]["file"], allow_pickle=False)
+    host = torch.cat([x for x, _ in data.batches(256)]).numpy()
+    if inputs.shape != host.shape or not np.array_equal(inputs, host):
+        raise UserError(f"{result_dir} was measured on other images than {data.source}; pass the evaluation images "
+                        f"(and --eval-limit) its bundle was made with: {manifest.get('eval_source')}")  # fmt: skip
+    q = None
+    if result.spec_sha256 is not None:
+        q = spec if spec is not None and spec.sha256 == result.spec_sha256 else None
+        saved = bundle.parent / SPEC_FILE
+        if q is None and saved.is_file():
+            q = load_spec(saved)
+        if q is None or q.sha256 != result.spec_sha256:
+            raise UserError(f"the QuantSpec {result_dir} was built with (sha256 {result.spec_sha256[:12]}) is not at {saved}; "
+                            "pass it with --spec")  # fmt: skip
+    name = manifest.get("profile") or f"{result.backend}-{result.precision}"
+    profile = next((p for p in profiles if p.name == name), None) or lookup(name) or Profile(name, result.backend, result.precision)
+    lat = {f"batch{b}": Latency(b, d.runs, d.warmup, d.p50_ms, d.p90_ms, d.mean_ms, d.min_ms) for b, d in result.latency.items()}
+    report = ExportReport(result.backend, result.precision, {"size_bytes": sum((bundle / f).stat().st_size for f in manifest["files"]),
+                          "info": {}}, score(torch.from_numpy(result.logits), refs_for(q)), lat,
+                          notes=(f"measured on the device {result.device_name}; timer: {result.timer}",))  # fmt: skip
+    row = _row(profile, report, q, n_convs)
+    return replace(row, name=f"{name}@device", device=result.device_name), q
 
 
 class _Skip(Exception):

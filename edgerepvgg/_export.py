@@ -22,6 +22,7 @@ import torch
 from edgerepvgg._fuse import fuse
 from edgerepvgg.checkpoints import load_model
 from edgerepvgg.data import TensorDataset, calibration_images, evaluation_set
+from edgerepvgg.device import write_bundle
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, predict, topk_accuracy
 from edgerepvgg.inputs import is_fashion_mnist_spec
@@ -37,11 +38,15 @@ from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compi
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
+SPEC_FILE = "quant_spec.json"  # the QuantSpec an INT8 artifact was compiled from, beside its report
+BUNDLE_DIR = "bundle"  # the device bundle, with export(options=ExportOptions(bundle=True))
 
 
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "report.json"
+SPEC_FILE = "quant_spec.json"  # the QuantSpec an INT8 artifact was compiled from, beside its report
+BUNDLE_DIR = "bundle"  # the device bundle, with export(options=ExportOptions(bundle=True))
 NO_LABELS = "no labels: agreement only"
 
 Images = TensorDataset | str | Path | None
@@ -67,6 +72,7 @@ class ExportOptions:
     eval_limit: int | None = None
     cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags: its integer scheme (None: this host's)
     tensorrt_version: str | None = None  # the device's TensorRT: the Q/DQ weight layout and build flags
+    bundle: bool = False  # also write out_dir/bundle: the artifact + inputs + torch-free runner for the device
 
     def __post_init__(self) -> None:
         for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
@@ -368,11 +374,12 @@ def export(
     require_exportable(target)  # before the model is loaded and calibrated
     out_dir = Path(out_dir or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
     with claimed_output_dir(out_dir, "the artifact and report"):
-        return _export(model, target, out_dir, precision, spec, eval_set, images, calibration, options, refs, cache, progress)
+        return _export(model, target, out_dir, precision, spec, eval_set, images, calibration, options, refs, cache, progress,
+                       profile.name if profile else None)  # fmt: skip
 
 
 def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set, images, calibration,
-            options: ExportOptions, refs: References | None, cache, progress: bool) -> ExportReport:  # fmt: skip
+            options: ExportOptions, refs: References | None, cache, progress: bool, profile_name: str | None) -> ExportReport:  # fmt: skip
     plain, _ = resolve_model(model)
     images = calibration_set(plain, images) if images is not None else None  # read once: calibration and fallback
     origin = ""
@@ -409,7 +416,17 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     quant = {}
     if spec is not None:
         quant = {"constraints": spec.constraints.name, "spec_sha256": spec.sha256, "calibration": spec.calibration,
-                 "origin": origin, "float_layers": [layer.name for layer in spec.layers if layer.precision == "float"]}  # fmt: skip
+                 "origin": origin, "float_layers": [layer.name for layer in spec.layers if layer.precision == "float"],
+                 "file": SPEC_FILE}  # fmt: skip
+        write_text_atomic(out_dir / SPEC_FILE, spec.to_json() + "\n")  # what a device result is scored against
+    if options.bundle:
+        if data is None:
+            notes.append("no device bundle: it needs evaluation images (--eval-images DIR or --images DIR)")
+        else:
+            where = write_bundle(artifact, target, data, out_dir / BUNDLE_DIR, threads=options.threads, runs=options.runs,
+                                 batch=options.fixed_batch or options.throughput_batch, profile_name=profile_name)  # fmt: skip
+            notes.append(f"device bundle in {BUNDLE_DIR}/: run 'python3 runner.py .' in it on the device, then "
+                         f"'edgerepvgg compare --results {where}' scores what it measured")  # fmt: skip
     artifact_dict = _relative_tree(artifact.to_dict(), out_dir)
     artifact_dict["path"] = _relative(artifact.path, out_dir)
     artifact_dict["files"] = [_relative(f, out_dir) for f in artifact.files]

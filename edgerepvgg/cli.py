@@ -318,7 +318,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
                             fixed_batch=args.fixed_batch, constraints=args.constraints, weight_bits=args.weight_bits,
-                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version)  # fmt: skip
+                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle)  # fmt: skip
     resolve_target(args.target, options)  # an unknown target fails before the model is read
     plain, _ = _plain(args)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
@@ -337,7 +337,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     plain, train_model = _plain(args)
     result = compare(plain, names or None, args.output, args.images, args.eval_images, train_model=train_model,
                      calibration=_calibration(args), spec=args.spec, weight_bits=args.weight_bits, threads=args.threads,
-                     eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet)  # fmt: skip
+                     eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet,
+                     bundles=args.bundles, results=args.results)  # fmt: skip
     header, body = table_rows(result)
     print(f"{plain.name} on {result.eval_images} images of {result.eval_source}")
     print(text_table(header, body))
@@ -449,6 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(s, None, "the accuracy check; without labels, agreement only on the calibration images")
     s.add_argument("--no-eval", action="store_true", help="skip the accuracy check")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    s.add_argument("--bundle", action="store_true", help="also write OUTPUT/bundle: the artifact, the evaluation inputs and "
+                   "a torch-free runner to measure on the device ('python3 runner.py .' there)")  # fmt: skip
     s.add_argument("--threads", type=POSITIVE, help="runtime threads (default: the runtime's own choice)")
     s.add_argument("--throughput-batch", type=POSITIVE, default=16, help="batch for the throughput figure (default 16)")
     s.add_argument("--tensorrt-version", metavar="X.Y", help="the device's TensorRT (e.g. 8.6 on JetPack 6.0): its weight layout "
@@ -466,6 +469,9 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(s, None, "every row; without labels, agreement only on the calibration images")
     s.add_argument("--threads", type=POSITIVE, help="threads where a profile does not set them")
     s.add_argument("--strict", action="store_true", help="a gate that could not be checked fails (exit 1)")
+    s.add_argument("--bundles", action="store_true", help="also write a device bundle per target (OUTPUT/PROFILE/bundle)")
+    s.add_argument("--results", nargs="+", metavar="DIR", help="device results (BUNDLE/result) to score beside the host rows; "
+                   "alone (no --targets/--profiles), only they are compared")  # fmt: skip
     _output(s, "compare", "output folder (default compare)")
 
     s = command("targets", cmd_targets, "list the targets and whether each runs here (and why not)")

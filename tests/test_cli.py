@@ -90,3 +90,20 @@ def test_calibrate_refuses_bundled_images_for_a_foreign_model(cli, tmp_path):
     save_checkpoint(path, model, meta_for(model))
     code, _, err = cli("calibrate", str(path), "-o", str(tmp_path / "s.json"))
     assert code == 2 and "pass --images" in err
+
+
+def test_cli_bundle_then_results_puts_a_device_row_in_the_table(cli, fmnist_ckpt, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "ort"
+    code, stdout, err = cli("-q", "export", str(fmnist_ckpt), "--target", "onnxruntime", "--eval-limit", "20", "--threads", "1",
+                            "--no-latency", "--bundle", "-o", str(out))  # fmt: skip
+    assert code == 0, err
+    assert "device bundle in bundle/" in stdout
+    run = subprocess.run([sys.executable, "runner.py", "."], cwd=out / "bundle", capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    code, stdout, err = cli("-q", "compare", str(fmnist_ckpt), "--results", str(out / "bundle" / "result"), "--eval-limit", "20",
+                            "-o", str(tmp_path / "cmp"))  # fmt: skip
+    assert code == 0, err
+    assert "onnxruntime-fp32@device" in stdout

@@ -238,3 +238,56 @@ def test_without_onnxsim_the_fp32_graph_is_written_as_built(plain, monkeypatch):
     monkeypatch.setattr(onnx_graph, "missing", lambda module: module == "onnxsim")
     model = onnx_graph.build_model(plain)
     assert onnx_graph.simplify(model) is model
+
+
+def test_a_device_result_is_scored_like_the_host_row(plain, data, tmp_path):
+    """Export with a bundle, run the bundle's runner as a device would (a subprocess here), and
+    score its result: the same accuracy as the host row, latency from the device, named as such."""
+    import subprocess
+    import sys
+
+    from edgerepvgg._export import ExportOptions, export
+    from edgerepvgg.quant import constraints_for
+
+    profile = Profile("ort-int8", "onnxruntime", "int8", threads=1, batch=4, weight_bits=7)
+    host = export(plain, profile, tmp_path / "ort-int8", images=data, eval_set=data, calibration="minmax",
+                  options=ExportOptions(threads=1, runs=5, bundle=True))  # fmt: skip
+    bundle = tmp_path / "ort-int8" / "bundle"
+    run = subprocess.run([sys.executable, "runner.py", "."], cwd=bundle, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    result = compare(plain, [], tmp_path / "cmp", None, data, results=[bundle / "result"], progress=False)
+    row = {r.name: r for r in result.rows}["ort-int8@device"]
+    assert row.top1 == host.accuracy.top1 and row.agree_emulation == host.accuracy.vs_emulation.top1
+    assert row.p50_ms is not None and row.throughput_batch == 4 and "measured on the device" in row.why
+    assert row.device != "this machine" and row.status == "ok"
+    assert any(r.name.startswith("emulation-") for r in result.rows)  # the referee of the device's spec
+
+
+def test_a_device_result_of_another_model_is_refused(plain, data, tmp_path):
+    import subprocess
+    import sys
+
+    from edgerepvgg._export import ExportOptions, export
+
+    export(plain, Profile("ort", "onnxruntime", "fp32", threads=1), tmp_path / "ort", eval_set=data,
+           options=ExportOptions(threads=1, runs=3, bundle=True))  # fmt: skip
+    bundle = tmp_path / "ort" / "bundle"
+    assert subprocess.run([sys.executable, "runner.py", "."], cwd=bundle, capture_output=True, timeout=300).returncode == 0
+    with pytest.raises(UserError, match="another model"):
+        compare(tiny_plain(seed=1, classes=5), [], tmp_path / "cmp", None, data, results=[bundle], progress=False)
+
+
+def test_compare_bundles_name_their_profile_and_a_result_keeps_it(plain, data, tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    compare(plain, [Profile("ort-fp32", "onnxruntime", "fp32", threads=1, batch=2)], tmp_path / "a", None, data,
+            bundles=True, progress=False)  # fmt: skip
+    bundle = tmp_path / "a" / "ort-fp32" / "bundle"
+    assert json.loads((bundle / "manifest.json").read_text())["profile"] == "ort-fp32"
+    assert subprocess.run([sys.executable, "runner.py", "."], cwd=bundle, capture_output=True, timeout=300).returncode == 0
+    both = compare(plain, [Profile("ort-fp32", "onnxruntime", "fp32", threads=1, batch=2)], tmp_path / "b", None, data,
+                   results=[bundle / "result"], progress=False)  # fmt: skip
+    rows = {r.name: r for r in both.rows}
+    assert rows["ort-fp32@device"].top1 == rows["ort-fp32"].top1 == 1.0 and not both.failed
