@@ -1,5 +1,5 @@
-"""The package's shape: no import cycle between its modules (function-local imports included,
-which is where a cycle hides), the verbs at the top level without a module shadowing them, and
+"""The package's shape: no import cycle between its modules (function-local and TYPE_CHECKING
+imports included, which is where a cycle hides), the verbs at the top level without a module shadowing them, and
 a fast ``import edgerepvgg`` that loads no runtime."""
 
 from __future__ import annotations
@@ -19,27 +19,14 @@ def _module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def _type_checking_lines(tree: ast.AST) -> set[int]:
-    """Line numbers inside ``if TYPE_CHECKING:`` blocks (annotations only, never executed)."""
-    lines: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
-            for child in node.body:
-                lines.update(range(child.lineno, (child.end_lineno or child.lineno) + 1))
-    return lines
-
-
 def import_graph() -> dict[str, set[str]]:
     """module -> the package modules it imports anywhere in its body (AST, not executed)."""
     modules = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         tree = ast.parse(path.read_text())
-        skip = _type_checking_lines(tree)
         deps: set[str] = set()
-        for node in ast.walk(tree):
-            if getattr(node, "lineno", None) in skip:
-                continue
+        for node in ast.walk(tree):  # annotation-only (TYPE_CHECKING) imports count: they are dependencies too
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]

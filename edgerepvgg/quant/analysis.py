@@ -52,7 +52,6 @@ from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, sqnr_db, topk_accuracy
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.analysis_report import findings
 from edgerepvgg.quant.calibrate import NAIVE, CalibrationConfig, CalibrationStats, make_spec, stats_for
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.observers import quantile, weight_scales
@@ -356,6 +355,60 @@ def _finite(obj):
     if isinstance(obj, (list, tuple)):
         return [_finite(v) for v in obj]
     return obj
+
+
+def fmt_ratio(r: float | None) -> str:
+    """A channel range ratio as text: ``12.3x``, ``456x``, ``-`` for none."""
+    return "-" if r is None else f"{r:.0f}x" if r >= 100 else f"{r:.1f}x"
+
+
+def fmt_num(v: float | None) -> str:
+    """A statistic as text, three significant digits (``-`` for none)."""
+    if v is None:
+        return "-"
+    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+
+
+def findings(a: Analysis) -> list[str]:
+    """A few sentences that say where the naive loss comes from."""
+    out = []
+    weighted = [r for r in a.layers if r.weight is not None]
+    gaps = [(r.weight.sqnr_per_channel - r.weight.sqnr_per_tensor, r) for r in weighted
+            if math.isfinite(r.weight.sqnr_per_channel) and math.isfinite(r.weight.sqnr_per_tensor)]  # fmt: skip
+    if gaps:
+        gap, worst = max(gaps, key=lambda g: g[0])
+        mean_gap = sum(g for g, _ in gaps) / len(gaps)
+        wide = sum(1 for r in weighted if (r.weight.channel_ratio or 0) > 10)
+        out.append(f"weights: {wide} of {len(weighted)} layers have a channel range ratio above 10x; per-tensor scales "
+                   f"cost {mean_gap:.1f} dB of weight SQNR on average against per-channel, worst {worst.name} "
+                   f"({worst.weight.sqnr_per_tensor:.1f} vs {worst.weight.sqnr_per_channel:.1f} dB, "
+                   f"ratio {fmt_ratio(worst.weight.channel_ratio)})")  # fmt: skip
+    peaked = [r for r in weighted if r.weight.kurtosis > 100 and math.isfinite(r.weight.sqnr_per_channel)]
+    if peaked:
+        mean_pc = sum(r.weight.sqnr_per_channel for r in peaked) / len(peaked)
+        out.append(f"weights: {len(peaked)} layers have excess kurtosis above 100 (a few weights, e.g. the fused identity "
+                   f"branch's centre taps, dwarf the rest of their channel); even per-channel scales give them only "
+                   f"{mean_pc:.1f} dB on average: clipping weights (mse) or quantization-aware training targets that")  # fmt: skip
+    tails = [r for r in a.layers if (r.activation.tail_ratio or 0) > 2]
+    if tails:
+        worst = max(tails, key=lambda r: r.activation.tail_ratio)
+        out.append(f"activations: {len(tails)} of {len(a.layers)} quantizer inputs have max|x| above 2x their p99.99, "
+                   f"so min/max ranges waste over a bit there; worst {worst.name} ({worst.activation.tail_ratio:.1f}x)")  # fmt: skip
+    for r in a.layers:
+        x = r.activation
+        amax = max(-x.min, x.max)
+        if x.clip is None or amax == 0:
+            continue
+        kept = max(-x.clip[0], x.clip[1]) / amax
+        if r.chosen.drop - r.naive.drop >= 1.0 and kept < 0.9:
+            out.append(f"clipping: {a.method} cuts {r.name}'s input to {100 * kept:.0f}% of max|x| ({fmt_num(max(-x.clip[0], x.clip[1]))}"
+                       f" of {fmt_num(amax)}); alone that costs {r.chosen.drop:.1f} pt against {r.naive.drop:.1f} with "
+                       f"min/max: try another method (minmax, percentile, mse) for this model")  # fmt: skip
+    out.append(f"naive INT8: {100 * (a.naive_top1 - a.fp32_top1):+.1f} pt against FP32; alone, "
+               f"{', '.join(f'{n} ({0.0 - a.row(n).naive.drop:+.1f} pt)' for n in a.most_sensitive('naive'))} cost the most")  # fmt: skip
+    out.append(f"{a.method} with per-channel weights: {100 * (a.chosen_top1 - a.fp32_top1):+.1f} pt; most sensitive: "
+               f"{', '.join(f'{n} ({0.0 - a.row(n).chosen.drop:+.1f} pt)' for n in a.most_sensitive('chosen'))}")  # fmt: skip
+    return out
 
 
 def analyze(

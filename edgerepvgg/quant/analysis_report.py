@@ -1,85 +1,29 @@
-"""Rendering of an :class:`~edgerepvgg.quant.analysis.Analysis`: plain-words findings, the
-aligned table and its legend, the summary text, the four-panel plot, and the two files
+"""Rendering of an :class:`~edgerepvgg.quant.analysis.Analysis` (its findings are part of the
+record, written by the analysis itself): the aligned table and its legend, the summary text, the four-panel plot, and the two files
 (``analysis.json``, ``analysis.png``). Nothing here measures anything."""
 
 from __future__ import annotations
 
 import logging
-
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgerepvgg.errors import install_hint, missing
 from edgerepvgg.io import atomic_path, output_dir, write_text_atomic
-
-if TYPE_CHECKING:
-    from edgerepvgg.quant.analysis import Analysis
+from edgerepvgg.quant.analysis import Analysis, fmt_num, fmt_ratio
 
 
 log = logging.getLogger(__name__)
-
-
-def findings(a: Analysis) -> list[str]:
-    """A few sentences that say where the naive loss comes from."""
-    out = []
-    weighted = [r for r in a.layers if r.weight is not None]
-    gaps = [(r.weight.sqnr_per_channel - r.weight.sqnr_per_tensor, r) for r in weighted
-            if math.isfinite(r.weight.sqnr_per_channel) and math.isfinite(r.weight.sqnr_per_tensor)]  # fmt: skip
-    if gaps:
-        gap, worst = max(gaps, key=lambda g: g[0])
-        mean_gap = sum(g for g, _ in gaps) / len(gaps)
-        wide = sum(1 for r in weighted if (r.weight.channel_ratio or 0) > 10)
-        out.append(f"weights: {wide} of {len(weighted)} layers have a channel range ratio above 10x; per-tensor scales "
-                   f"cost {mean_gap:.1f} dB of weight SQNR on average against per-channel, worst {worst.name} "
-                   f"({worst.weight.sqnr_per_tensor:.1f} vs {worst.weight.sqnr_per_channel:.1f} dB, "
-                   f"ratio {_fmt_ratio(worst.weight.channel_ratio)})")  # fmt: skip
-    peaked = [r for r in weighted if r.weight.kurtosis > 100 and math.isfinite(r.weight.sqnr_per_channel)]
-    if peaked:
-        mean_pc = sum(r.weight.sqnr_per_channel for r in peaked) / len(peaked)
-        out.append(f"weights: {len(peaked)} layers have excess kurtosis above 100 (a few weights, e.g. the fused identity "
-                   f"branch's centre taps, dwarf the rest of their channel); even per-channel scales give them only "
-                   f"{mean_pc:.1f} dB on average: clipping weights (mse) or quantization-aware training targets that")  # fmt: skip
-    tails = [r for r in a.layers if (r.activation.tail_ratio or 0) > 2]
-    if tails:
-        worst = max(tails, key=lambda r: r.activation.tail_ratio)
-        out.append(f"activations: {len(tails)} of {len(a.layers)} quantizer inputs have max|x| above 2x their p99.99, "
-                   f"so min/max ranges waste over a bit there; worst {worst.name} ({worst.activation.tail_ratio:.1f}x)")  # fmt: skip
-    for r in a.layers:
-        x = r.activation
-        amax = max(-x.min, x.max)
-        if x.clip is None or amax == 0:
-            continue
-        kept = max(-x.clip[0], x.clip[1]) / amax
-        if r.chosen.drop - r.naive.drop >= 1.0 and kept < 0.9:
-            out.append(f"clipping: {a.method} cuts {r.name}'s input to {100 * kept:.0f}% of max|x| ({_fmt_num(max(-x.clip[0], x.clip[1]))}"
-                       f" of {_fmt_num(amax)}); alone that costs {r.chosen.drop:.1f} pt against {r.naive.drop:.1f} with "
-                       f"min/max: try another method (minmax, percentile, mse) for this model")  # fmt: skip
-    out.append(f"naive INT8: {100 * (a.naive_top1 - a.fp32_top1):+.1f} pt against FP32; alone, "
-               f"{', '.join(f'{n} ({0.0 - a.row(n).naive.drop:+.1f} pt)' for n in a.most_sensitive('naive'))} cost the most")  # fmt: skip
-    out.append(f"{a.method} with per-channel weights: {100 * (a.chosen_top1 - a.fp32_top1):+.1f} pt; most sensitive: "
-               f"{', '.join(f'{n} ({0.0 - a.row(n).chosen.drop:+.1f} pt)' for n in a.most_sensitive('chosen'))}")  # fmt: skip
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
 # The table and the plot
 
 
-def _fmt_ratio(r: float | None) -> str:
-    return "-" if r is None else f"{r:.0f}x" if r >= 100 else f"{r:.1f}x"
-
-
 def _fmt_db(v: float) -> str:
     return "inf" if v == math.inf else f"{v:.1f}"
-
-
-def _fmt_num(v: float | None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
 
 
 def table(a: Analysis) -> str:
@@ -91,12 +35,12 @@ def table(a: Analysis) -> str:
         w, x = r.weight, r.activation
         wcols = " " * 42  # pool has no weight
         if w:
-            wcols = (f"{w.channels:>4} {_fmt_ratio(w.channel_ratio):>8} {w.kurtosis:>6.1f} {100 * w.outlier_share:>6.2f} "
+            wcols = (f"{w.channels:>4} {fmt_ratio(w.channel_ratio):>8} {w.kurtosis:>6.1f} {100 * w.outlier_share:>6.2f} "
                      f"{_fmt_db(w.sqnr_per_tensor):>8} {_fmt_db(w.sqnr_per_channel):>5}")  # fmt: skip
         amax = max(-x.min, x.max)
-        clip = "-" if x.clip is None else _fmt_num(max(-x.clip[0], x.clip[1]))
+        clip = "-" if x.clip is None else fmt_num(max(-x.clip[0], x.clip[1]))
         tail = "-" if x.tail_ratio is None else f"{x.tail_ratio:.1f}"
-        lines.append(f"{r.name:<9} {wcols}  {_fmt_num(amax):>8} {_fmt_num(x.p99_99):>8} {tail:>6} {clip:>8}  "
+        lines.append(f"{r.name:<9} {wcols}  {fmt_num(amax):>8} {fmt_num(x.p99_99):>8} {tail:>6} {clip:>8}  "
                      f"{r.naive.drop:>9.1f} {r.chosen.drop:>6.1f} {_fmt_db(r.chosen.logit_sqnr):>6}")  # fmt: skip
     return "\n".join(lines)
 
@@ -185,4 +129,4 @@ def write(a: Analysis, out_dir: str | Path) -> tuple[Path, Path | None]:
     return json_path, plot(a, out_dir / "analysis.png")
 
 
-__all__ = ["TABLE_LEGEND", "findings", "plot", "summary", "table", "write"]
+__all__ = ["TABLE_LEGEND", "plot", "summary", "table", "write"]
