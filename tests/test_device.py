@@ -143,7 +143,7 @@ def test_runner_without_torch_matches_host_runner(name, artifacts, dataset, tmp_
     out = tmp_path / "out"
     proc = run_device(tmp_path, str(b / "runner.py"), str(b), "-o", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert f"{name} int8 on" in proc.stdout and "perf_counter" in proc.stdout
+    assert f"{name} int8 on" in proc.stderr and "perf_counter" in proc.stderr  # the summary, logged
 
     result = read_result(out, b)
     x = np.load(b / "inputs.npy")
@@ -162,7 +162,8 @@ def test_runner_without_torch_matches_host_runner(name, artifacts, dataset, tmp_
     assert sorted(result.latency) == [1, BATCH]
     for batch, lat in result.latency.items():
         assert lat.batch == batch and lat.runs == RUNS and lat.warmup == WARMUP and len(lat.samples_ms) == RUNS
-        assert all(v > 0 for v in lat.samples_ms) and lat.min_ms <= lat.p50_ms <= lat.p90_ms
+        samples = np.asarray(lat.samples_ms)  # the statistics are the samples', whatever the speed
+        assert (lat.p50_ms, lat.p90_ms, lat.min_ms) == (float(np.median(samples)), float(np.percentile(samples, 90)), float(samples.min()))
     assert result.timer == "python perf_counter, host copies included"
 
     dev = result.device

@@ -20,6 +20,7 @@ import argparse
 import hashlib
 import importlib
 import json
+import logging
 import os
 import platform
 import shutil
@@ -27,6 +28,8 @@ import socket
 import sys
 import tempfile
 import time
+
+log = logging.getLogger("runner")
 
 BUNDLE_FORMAT, BUNDLE_VERSION = "edgerepvgg-device-bundle", 1
 RESULT_FORMAT, RESULT_VERSION = "edgerepvgg-device-result", 1
@@ -531,30 +534,41 @@ def run(bundle, out_dir=None):
     return write_result(out_dir or os.path.join(bundle, "result"), result, logits), result
 
 
+def _log_to_stderr() -> None:
+    """The runner is its own command line: its one-line errors and its summary go to this
+    process's stderr, whatever logging the host process set up."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("runner.py: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.INFO)
+    log.propagate = False
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="runner.py", description="Run an edgerepvgg device bundle on this device.")
     parser.add_argument("bundle", help="the bundle folder (holds manifest.json)")
     parser.add_argument("-o", "--output", help="result folder (default: BUNDLE/result); replaced whole on a re-run")
     args = parser.parse_args(argv)
+    _log_to_stderr()
     try:
         out, result = run(args.bundle, args.output)
     except MissingRuntime as exc:
-        print(f"runner.py: {exc}", file=sys.stderr)
+        log.error("%s", exc)
         return 2
     except BundleError as exc:
-        print(f"runner.py: error: {exc}", file=sys.stderr)
+        log.error("error: %s", exc)
         return 1
     except KeyboardInterrupt:
-        print("runner.py: interrupted; no result written", file=sys.stderr)
+        log.error("interrupted; no result written")
         return 130
     except Exception as exc:  # a runtime's own failure: one line, no result
         first = (str(exc).strip().splitlines() or [""])[0]
-        print(f"runner.py: error: {type(exc).__name__}: {first}", file=sys.stderr)
+        log.error("error: %s: %s", type(exc).__name__, first)
         return 1
     dev = result["device"]
     lat = ", ".join(f"batch {r['batch']}: p50 {r['p50_ms']:.3f} ms" for r in result["latency"])
-    print(f"{result['backend']} {result['precision']} on {dev['hostname']} ({dev['cpu_model']}): "
-          f"{result['inputs']['count']} inputs; {lat} ({TIMER}) -> {out}")
+    log.info("%s %s on %s (%s): %d inputs; %s (%s) -> %s", result["backend"], result["precision"], dev["hostname"],
+             dev["cpu_model"], result["inputs"]["count"], lat, TIMER, out)  # fmt: skip
     return 0
 
 
