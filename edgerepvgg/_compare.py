@@ -289,8 +289,9 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         rows.append(_row(profile, report, q, n_convs, arch_why))
 
     device_specs: dict[str, QuantSpec] = {}
+    host_inputs = torch.cat([x for x, _ in data.batches(256)]).numpy() if results else None  # what every bundle must hold
     for where in results:  # measured on a device: scored exactly like the host rows
-        row, q = _device_row(where, plain, data, chosen, n_convs, refs_for, spec)
+        row, q = _device_row(where, plain, data, host_inputs, chosen, n_convs, refs_for, spec)
         rows.append(row)
         if q is not None:
             device_specs[q.constraints.name] = q
@@ -314,8 +315,8 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
     return Comparison(tuple(ref_rows + rows), source, len(data), plain.name, data.labelled, strict)
 
 
-def _device_row(where: Path, plain: PlainNet, data: TensorDataset, profiles: list[Profile], n_convs: int, refs_for,
-                spec: QuantSpec | None) -> tuple[Row, QuantSpec | None]:  # fmt: skip
+def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndarray, profiles: list[Profile], n_convs: int,
+                refs_for, spec: QuantSpec | None) -> tuple[Row, QuantSpec | None]:  # fmt: skip
     """A row for a device result folder: its logits scored against this comparison's labels, FP32
     and the emulation of the QuantSpec it was built with (saved beside the bundle by ``export``),
     its latency as the device measured it, and its profile's gates."""
@@ -326,7 +327,6 @@ def _device_row(where: Path, plain: PlainNet, data: TensorDataset, profiles: lis
     if result.model_hash != model_hash(plain):
         raise UserError(f"{result_dir} was measured with another model (hash {result.model_hash}); pass the checkpoint its bundle was made from")
     inputs = np.load(bundle / manifest["inputs"]["file"], allow_pickle=False)
-    host = torch.cat([x for x, _ in data.batches(256)]).numpy()
     if inputs.shape != host.shape or not np.array_equal(inputs, host):
         raise UserError(f"{result_dir} was measured on other images than {data.source}; pass the evaluation images "
                         f"(and --eval-limit) its bundle was made with: {manifest.get('eval_source')}")  # fmt: skip

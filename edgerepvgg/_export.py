@@ -255,14 +255,6 @@ def score(logits: torch.Tensor, refs: References) -> Accuracy:
 # The report
 
 
-def _relative(path: str | Path, root: Path) -> str:
-    """``path`` relative to ``root`` (the report's folder) where it lies inside it or beside it."""
-    try:
-        return os.path.relpath(Path(path).resolve(), root.resolve())
-    except ValueError:  # another drive (Windows)
-        return str(path)
-
-
 def _relative_tree(obj, root: Path):
     """``obj`` (JSON-like) with every mention of a file under ``root`` made relative to ``root``:
     whole paths and paths inside strings such as a build command."""
@@ -428,8 +420,6 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
             notes.append(f"device bundle in {BUNDLE_DIR}/: run 'python3 runner.py .' in it on the device, then "
                          f"'edgerepvgg compare --results {where}' scores what it measured")  # fmt: skip
     artifact_dict = _relative_tree(artifact.to_dict(), out_dir)
-    artifact_dict["path"] = _relative(artifact.path, out_dir)
-    artifact_dict["files"] = [_relative(f, out_dir) for f in artifact.files]
     report = ExportReport(target.name, precision, artifact_dict, accuracy, timings, emulated, quant, tuple(notes), out_dir)
     write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
     return report

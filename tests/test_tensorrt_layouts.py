@@ -1,7 +1,7 @@
 """TensorRT's two weight layouts (int8 initializer -> DQ for TensorRT >= 10; float ``q * s`` -> Q -> DQ
 for 8.5+) and FP16 float layers: both layouts hold exactly the QuantSpec's integers (decoded by ONNX
 Runtime itself), pass the checker, and run node by node in ONNX Runtime (as the emulated runner does)
-to IntegerNet's function; a mixed-precision spec's FP16 float layers are refereed by reference_net."""
+to IntegerNet's function; a mixed-precision spec's FP16 float layers are refereed by IntegerNet(float_layers='fp16')."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from edgerepvgg.quant.spec import constraints_for, with_float_layers
 from edgerepvgg.targets.onnx_graph import build_model
 from edgerepvgg.targets.onnxruntime import OnnxRuntimeRunner
 from edgerepvgg.targets.qdq_rules import check_explicit_quantization
-from edgerepvgg.targets.tensorrt import TensorRTTarget, reference_net
+from edgerepvgg.targets.tensorrt import TensorRTTarget
 
 from quant_helpers import minmax_spec
 
@@ -99,7 +99,7 @@ def test_mixed_precision_float_layers_are_fp16_on_tensorrt_10_and_refereed_in_fp
     assert {n.name for n in model.graph.node if n.op_type == "Cast"} >= {"convs.3.input.cast", "convs.4.output.cast", "head.output.cast"}
     x = _x(plain)
     got = torch.from_numpy(TensorRTTarget().load(art, threads=1)(x.numpy()))
-    fp16_ref, f64_ref = reference_net(plain, spec, "fp16")(x), reference_net(plain, spec)(x)
+    fp16_ref, f64_ref = IntegerNet(plain, spec, float_layers="fp16")(x), IntegerNet(plain, spec)(x)
     a16, a64 = agreement(got, fp16_ref), agreement(got, f64_ref)
     log.info("FP16 float layers vs the FP16 referee: %s; vs IntegerNet's float64 layers: %s", a16, a64)
     # Measured on this tiny net (x86, ORT 1.32): cosine 0.99974 vs the FP16 referee, 0.99976 vs float64 layers, top-1 1.0

@@ -38,7 +38,6 @@ import torch
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import QuantSpec
 from edgerepvgg.targets.base import Artifact, ArtifactMetadata, check_batch, check_precision
 from edgerepvgg.targets.onnx_graph import (
@@ -451,12 +450,6 @@ def build_engine(onnx_path: Path, out_dir: Path, precision: str, shapes: tuple[t
 # The referee for float layers in FP16
 
 
-def reference_net(plain: PlainNet, spec: QuantSpec, float_layers: str = "fp32") -> IntegerNet:
-    """What a TensorRT INT8 artifact should compute: IntegerNet, with the spec's float layers in
-    FP16 where the graph writes them so (``float_layers="fp16"``, ``info["float_layers"]``)."""
-    return IntegerNet(plain, spec, float_layers=float_layers)
-
-
 # ---------------------------------------------------------------------------------------------
 # Runners
 
@@ -622,7 +615,7 @@ class TensorRTTarget:
             if has_float:
                 how = "FP16 in the graph (strongly typed)" if graph.float_layers == "fp16" else (
                     "FP32 in the graph, FP16 allowed by the builder flag" if "FP16" in flags.builder_flags else "FP32")
-                info["note"] = f"mixed precision: float layers run {how}; the referee is reference_net(plain, spec, {graph.float_layers!r})"
+                info["note"] = f"mixed precision: float layers run {how}; the referee is IntegerNet(plain, spec, float_layers={graph.float_layers!r})"
         elif graph.float_layers == "fp16":
             model = build_model(plain, float_layers="fp16")
             info["note"] = "fp16: an FP16 graph built strongly typed (TensorRT 11 has no FP16 builder flag)"
