@@ -18,13 +18,13 @@ import torch
 from tqdm import tqdm
 
 from edgerepvgg._export import (
-    NO_LABELS, SPEC_FILE, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
+    BUNDLE_DIR, NO_LABELS, SPEC_FILE, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
     quant_spec_for, references, resolve_model, score,
 )  # fmt: skip
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import claimed_output_dir
-from edgerepvgg.device import read_manifest, read_result
+from edgerepvgg.device import read_manifest, read_result, run_remote
 from edgerepvgg.evaluate import Latency, measure_latency, predict
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import Profile, lookup, resolve, shipped_profiles
@@ -34,6 +34,8 @@ from edgerepvgg.quant.spec import QuantSpec, constraints_for, load_spec, model_h
 from edgerepvgg.targets import cannot_export, get_target
 
 log = logging.getLogger(__name__)
+
+HOST_TIMER, DEVICE_TIMER = "host, python", "device, python"  # perf_counter around one call, host copies included
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class Row:
     throughput_ips: float | None = None
     throughput_batch: int | None = None
     size_mb: float | None = None
+    timer: str = ""  # what made p50/p90: HOST_TIMER or DEVICE_TIMER (never compare figures of unlike timers)
     gates_failed: tuple[str, ...] = ()
     gates_unchecked: tuple[str, ...] = ()
 
@@ -146,7 +149,8 @@ def _row(profile: Profile, report: ExportReport, spec: QuantSpec | None, n_convs
         int8_convs=_int8_convs(report, spec, n_convs),
         p50_ms=lat["batch1"].p50_ms if "batch1" in lat else None, p90_ms=lat["batch1"].p90_ms if "batch1" in lat else None,
         throughput_ips=tput.throughput if tput else None, throughput_batch=tput.batch if tput else None,
-        size_mb=report.artifact.get("size_bytes", 0) / 1e6, gates_failed=tuple(failed), gates_unchecked=tuple(unchecked),
+        size_mb=report.artifact.get("size_bytes", 0) / 1e6, timer=HOST_TIMER if "batch1" in lat else "",
+        gates_failed=tuple(failed), gates_unchecked=tuple(unchecked),
     )  # fmt: skip
 
 
@@ -162,7 +166,8 @@ def _torch_row(name: str, device: str, precision: str, fn, plain: PlainNet, refs
             l1, lb = measure_latency(call, x1), measure_latency(call, xb)
         p50, p90, tput = l1.p50_ms, l1.p90_ms, lb.throughput
     return Row(name, "pytorch", device, precision, "reference", why, acc.top1, acc.delta_top1, acc.vs_fp32.top1,
-               acc.vs_emulation.top1 if acc.vs_emulation else None, "", p50, p90, tput, batch if latency else None)  # fmt: skip
+               acc.vs_emulation.top1 if acc.vs_emulation else None, "", p50, p90, tput, batch if latency else None,
+               timer=HOST_TIMER if latency else "")  # fmt: skip
 
 
 def _skip_reason(profile: Profile, plain: PlainNet) -> str:
@@ -263,6 +268,14 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         return refs_by_spec[key]
 
     fp32_refs = refs_for(None)  # first, so that every spec's references reuse its FP32 logits
+    inputs_cache: list[np.ndarray] = []
+
+    def host_inputs() -> np.ndarray:
+        """The evaluation inputs as every bundle must hold them (read once)."""
+        if not inputs_cache:
+            inputs_cache.append(torch.cat([x for x, _ in data.batches(256)]).numpy())
+        return inputs_cache[0]
+
     bar = tqdm(chosen, desc="compare", unit="target", disable=not progress)
     for profile in bar:
         bar.set_postfix_str(profile.name)
@@ -273,13 +286,21 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         if why:
             rows.append(Row.skipped(profile, "skipped", why))
             continue
-        options = ExportOptions(threads=profile.threads or threads, latency=profile.runs_on_this_arch(), bundle=bundles).with_profile(profile)
+        remote = profile.remote
+        options = ExportOptions(threads=profile.threads or threads, latency=profile.runs_on_this_arch(), bundle=bundles,
+                                on_device=remote is not None).with_profile(profile)  # fmt: skip
         target = get_target(profile.backend, **options.target_settings(profile.backend))
         here = profile.runs_on_this_arch()
         arch_why = "" if here else f"latency not measured: the profile is for {profile.arch}, this machine is {platform.machine()}"
         try:
             q = spec_for(profile, target) if profile.precision == "int8" else None
             report = export(plain, profile, out_dir / profile.name, profile.precision, q, data, refs=refs_for(q), options=options)
+            if remote is not None:
+                bar.set_postfix_str(f"{profile.name} on {remote.where}")
+                result_dir = run_remote(remote, out_dir / profile.name / BUNDLE_DIR, profile.name)
+                row, _ = _device_row(result_dir, plain, data, host_inputs(), chosen, n_convs, refs_for, q, profile)
+                rows.append(replace(row, why=f"{row.why}; over {remote.transport} to {remote.where}"))
+                continue
         except _Skip as exc:
             rows.append(Row.skipped(profile, "skipped", str(exc)))
             continue
@@ -289,9 +310,8 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         rows.append(_row(profile, report, q, n_convs, arch_why))
 
     device_specs: dict[str, QuantSpec] = {}
-    host_inputs = torch.cat([x for x, _ in data.batches(256)]).numpy() if results else None  # what every bundle must hold
     for where in results:  # measured on a device: scored exactly like the host rows
-        row, q = _device_row(where, plain, data, host_inputs, chosen, n_convs, refs_for, spec)
+        row, q = _device_row(where, plain, data, host_inputs(), chosen, n_convs, refs_for, spec)
         rows.append(row)
         if q is not None:
             device_specs[q.constraints.name] = q
@@ -316,7 +336,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
 
 
 def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndarray, profiles: list[Profile], n_convs: int,
-                refs_for, spec: QuantSpec | None) -> tuple[Row, QuantSpec | None]:  # fmt: skip
+                refs_for, spec: QuantSpec | None, profile: Profile | None = None) -> tuple[Row, QuantSpec | None]:  # fmt: skip
     """A row for a device result folder: its logits scored against this comparison's labels, FP32
     and the emulation of the QuantSpec it was built with (saved beside the bundle by ``export``),
     its latency as the device measured it, and its profile's gates."""
@@ -340,13 +360,13 @@ def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndar
             raise UserError(f"the QuantSpec {result_dir} was built with (sha256 {result.spec_sha256[:12]}) is not at {saved}; "
                             "pass it with --spec")  # fmt: skip
     name = manifest.get("profile") or f"{result.backend}-{result.precision}"
-    profile = next((p for p in profiles if p.name == name), None) or lookup(name) or Profile(name, result.backend, result.precision)
+    profile = profile or next((p for p in profiles if p.name == name), None) or lookup(name) or Profile(name, result.backend, result.precision)
     lat = {f"batch{b}": Latency(b, d.runs, d.warmup, d.p50_ms, d.p90_ms, d.mean_ms, d.min_ms) for b, d in result.latency.items()}
     report = ExportReport(result.backend, result.precision, {"size_bytes": sum((bundle / f).stat().st_size for f in manifest["files"]),
                           "info": {}}, score(torch.from_numpy(result.logits), refs_for(q)), lat,
                           notes=(f"measured on the device {result.device_name}; timer: {result.timer}",))  # fmt: skip
     row = _row(profile, report, q, n_convs)
-    return replace(row, name=f"{name}@device", device=result.device_name), q
+    return replace(row, name=f"{name}@device", device=result.device_name, timer=DEVICE_TIMER), q
 
 
 class _Skip(Exception):

@@ -73,6 +73,7 @@ class ExportOptions:
     cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags: its integer scheme (None: this host's)
     tensorrt_version: str | None = None  # the device's TensorRT: the Q/DQ weight layout and build flags
     bundle: bool = False  # also write out_dir/bundle: the artifact + inputs + torch-free runner for the device
+    on_device: bool = False  # compile and bundle only: the device runs, checks and times it (a remote profile)
 
     def __post_init__(self) -> None:
         for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
@@ -380,16 +381,23 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
                                       options.weight_bits, cache, progress, options.cpu_flags)  # fmt: skip
     data = default_evaluation(plain, eval_set, images, options.eval_limit)
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
-    runner = target.load(artifact, options.threads)
-    if options.fixed_batch is not None:
-        runner = FixedBatchRunner(runner, options.fixed_batch)
-    emulated = runner.emulated
     notes = list(artifact.info.get("notes", ()))
+    if options.on_device:
+        if data is None:
+            raise UserError("a device run needs evaluation images for its bundle; pass --eval-images DIR or --images DIR")
+        runner, emulated, options = None, False, replace(options, bundle=True, latency=False)
+    else:
+        runner = target.load(artifact, options.threads)
+        if options.fixed_batch is not None:
+            runner = FixedBatchRunner(runner, options.fixed_batch)
+        emulated = runner.emulated
     if emulated:
         notes.append(f"no {target.name} engine ran here ({target.available()}); accuracy is the Q/DQ graph in ONNX Runtime "
                      f"under the {target.constraint_set} constraint set (emulated), and there is no latency")  # fmt: skip
     accuracy = None
-    if data is None:
+    if runner is None:
+        notes.append("compiled here, run on the device: its accuracy and latency come from the device's result")
+    elif data is None:
         notes.append("accuracy not checked: no evaluation images (pass labelled --eval-images DIR, or --images DIR for agreement only)")
     else:
         float_layers = artifact.info.get("float_layers", "fp32")  # how the target runs a spec's float layers

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
+from edgerepvgg.device.remote import Remote, parse_remote
 from edgerepvgg.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -52,6 +53,7 @@ class Profile:
     cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags (e.g. avx2, avx512_vnni); None: this host's
     tensorrt_version: str | None = None  # the device's TensorRT, e.g. "8.6" (JetPack 6.0) or "10.3"
     gates: Gates = field(default_factory=Gates)
+    remote: Remote | None = None  # where it runs: the bundle goes there and is measured there (device/remote.py)
     source: str = "built-in"
 
     def runs_on_this_arch(self) -> bool:
@@ -98,8 +100,11 @@ def load_profile(path: str | Path) -> Profile:
                     raise _bad(path, f"gates.{gate}", f"must be a non-negative number, got {limit!r}")
             values["gates"] = Gates(**{k: float(v) for k, v in value.items()})
             continue
+        if key == "remote":
+            values["remote"] = parse_remote(value, str(path))
+            continue
         if key not in _TYPES:
-            raise _bad(path, key, f"is unknown (known: {', '.join([*_TYPES, 'gates'])})")
+            raise _bad(path, key, f"is unknown (known: {', '.join([*_TYPES, 'gates', 'remote'])})")
         if isinstance(value, bool) or not isinstance(value, _TYPES[key]) or (
             isinstance(value, list) and not all(isinstance(v, str) for v in value)
         ):

@@ -1,8 +1,22 @@
 """Measuring on the device: a bundle per artifact (:func:`write_bundle`), the torch-free runner
-copied into it (``runner.py``: ``python3 runner.py BUNDLE``) and reading its result back
-(:func:`read_result`). See README "Measuring on the device (first slice)"."""
+copied into it (``runner.py``: ``python3 runner.py BUNDLE``), the round trip to a remote device
+(:func:`run_remote`) and reading its result back (:func:`read_result`). See README "Measuring on
+the device". Exports are lazy, so that reading a profile's ``remote`` loads no torch."""
 
-from edgerepvgg.device.bundle import read_manifest, write_bundle
-from edgerepvgg.device.results import DeviceLatency, DeviceResult, read_result
+from __future__ import annotations
 
-__all__ = ["DeviceLatency", "DeviceResult", "read_manifest", "read_result", "write_bundle"]
+import importlib
+
+_EXPORTS = {
+    "read_manifest": "bundle", "write_bundle": "bundle",
+    "DeviceLatency": "results", "DeviceResult": "results", "read_result": "results",
+    "Remote": "remote", "RemoteError": "remote", "parse_remote": "remote", "run_remote": "remote",
+}  # fmt: skip
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)

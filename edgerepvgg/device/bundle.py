@@ -112,7 +112,7 @@ def write_bundle(artifact: Artifact, target: Target, eval_set: TensorDataset, ou
         engine_needed = target.name == "tensorrt" and not entry.endswith(".plan")
         command = f"sh build_engine.sh && {COMMAND}" if engine_needed else COMMAND
         (tmp / SCRIPT_FILE).write_text(f'#!/bin/sh\n# Run this bundle on the device: {command}\nset -e\ncd "$(dirname "$0")"\n'
-                                       + ("sh build_engine.sh\n" if engine_needed else "") + 'exec python3 runner.py . "$@"\n')  # fmt: skip
+                                       + ("sh build_engine.sh\n" if engine_needed else "") + 'exec "${PYTHON:-python3}" runner.py . "$@"\n')  # fmt: skip
         (tmp / SCRIPT_FILE).chmod(0o755)
         module = _runner.RUNTIMES[target.name][0] if target.name in _runner.RUNTIMES else None
         manifest = {
