@@ -297,9 +297,9 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
             report = export(plain, profile, out_dir / profile.name, profile.precision, q, data, refs=refs_for(q), options=options)
             if remote is not None:
                 bar.set_postfix_str(f"{profile.name} on {remote.where}")
-                result_dir = run_remote(remote, out_dir / profile.name / BUNDLE_DIR, profile.name)
-                row, _ = _device_row(result_dir, plain, data, host_inputs(), chosen, n_convs, refs_for, q, profile)
-                rows.append(replace(row, why=f"{row.why}; over {remote.transport} to {remote.where}"))
+                trip = run_remote(remote, out_dir / profile.name / BUNDLE_DIR, profile.name)
+                row, _ = _device_row(trip.result, plain, data, host_inputs(), chosen, n_convs, refs_for, q, profile)
+                rows.append(replace(row, why=f"{row.why}; over {remote.transport} to {remote.where}: {trip}"))
                 continue
         except _Skip as exc:
             rows.append(Row.skipped(profile, "skipped", str(exc)))

@@ -9,12 +9,9 @@ local shell. Its Python is this venv's with torch and edgerepvgg blocked, as on 
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -26,13 +23,10 @@ from edgerepvgg.device.remote import Remote, RemoteError, parse_remote, run_remo
 from edgerepvgg.errors import UserError
 from edgerepvgg.profiles import Profile, load_profile
 
+from helpers import loopback_sshd, openssh_missing, torch_free_python
 from quant_helpers import self_labelled, tiny_plain
-from test_device import BLOCKER
 
-SSHD = shutil.which("sshd") or next((p for p in ("/usr/sbin/sshd",) if os.path.exists(p)), None)
-SSH, KEYGEN = shutil.which("ssh"), shutil.which("ssh-keygen")
-needs_sshd = pytest.mark.skipif(not (SSHD and SSH and KEYGEN),
-                                reason="OpenSSH server or client not installed (apt-get install openssh-server openssh-client)")  # fmt: skip
+needs_sshd = pytest.mark.skipif(bool(openssh_missing()), reason=openssh_missing() or "OpenSSH is installed")
 
 
 @pytest.fixture(scope="module")
@@ -48,11 +42,7 @@ def data(plain):
 @pytest.fixture(scope="module")
 def device_python(tmp_path_factory) -> str:
     """A 'device' interpreter: this venv's Python in which importing torch or edgerepvgg fails."""
-    folder = tmp_path_factory.mktemp("device-python")
-    (folder / "sitecustomize.py").write_text(BLOCKER.format(blocked=["edgerepvgg", "torch"]))
-    wrapper = folder / "python3"
-    wrapper.write_text(f'#!/bin/sh\nunset PYTHONHOME\nPYTHONPATH={folder} exec {sys.executable} "$@"\n')
-    wrapper.chmod(0o755)
+    wrapper = torch_free_python(tmp_path_factory.mktemp("device-python"))
     probe = subprocess.run([str(wrapper), "-c", "import torch"], capture_output=True, text=True)
     assert probe.returncode != 0 and "is blocked" in probe.stderr  # the blocker works
     return str(wrapper)
@@ -173,12 +163,7 @@ def test_a_failing_round_trip_is_an_error_row_and_leaves_nothing_half_written(pl
 
 
 def test_a_runtime_missing_on_the_device_is_said_so(plain, data, tmp_path, device_python):
-    blocked = tmp_path / "no-ort"
-    blocked.mkdir()
-    (blocked / "sitecustomize.py").write_text(BLOCKER.format(blocked=["edgerepvgg", "onnxruntime", "torch"]))
-    python = blocked / "python3"
-    python.write_text(f'#!/bin/sh\nPYTHONPATH={blocked} exec {sys.executable} "$@"\n')
-    python.chmod(0o755)
+    python = torch_free_python(tmp_path / "no-ort", "onnxruntime")
     remote = local_remote(tmp_path / "device", str(python))
     result = run_compare(plain, data, tmp_path, Profile("dev", "onnxruntime", "fp32", threads=1, remote=remote))
     row = {r.name: r for r in result.rows}["dev"]
@@ -205,50 +190,17 @@ def test_cli_compare_with_a_remote_profile_measures_there_and_fails_on_a_fault(t
 # --- a real OpenSSH server on 127.0.0.1 ---------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def sshd(tmp_path_factory):
+    """The ssh_config of a throwaway OpenSSH server on 127.0.0.1 (tests/helpers.py)."""
+    with loopback_sshd(tmp_path_factory.mktemp("sshd")) as config:
+        yield config
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def sshd(tmp_path_factory):
-    """An OpenSSH server for this test only: 127.0.0.1, a free port, a throwaway host key, one
-    throwaway user key, no passwords. Yields the ssh_config file whose host 'loopback' reaches it."""
-    if os.geteuid() == 0:
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege separation folder (root only)
-    d = tmp_path_factory.mktemp("sshd")
-    for key in ("host_key", "user_key"):
-        subprocess.run([KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(d / key)], check=True)
-    (d / "authorized_keys").write_text((d / "user_key.pub").read_text())
-    (d / "authorized_keys").chmod(0o600)
-    port = _free_port()
-    (d / "sshd_config").write_text(
-        f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {d / 'host_key'}\nAuthorizedKeysFile {d / 'authorized_keys'}\n"
-        f"PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\n"
-        f"PidFile {d / 'sshd.pid'}\nPermitRootLogin prohibit-password\n"
-    )  # fmt: skip
-    host_key = " ".join((d / "host_key.pub").read_text().split()[:2])
-    (d / "known_hosts").write_text(f"[127.0.0.1]:{port} {host_key}\n")
-    (d / "ssh_config").write_text(
-        f"Host loopback\n  HostName 127.0.0.1\n  Port {port}\n  IdentityFile {d / 'user_key'}\n  IdentitiesOnly yes\n"
-        f"  UserKnownHostsFile {d / 'known_hosts'}\n  StrictHostKeyChecking yes\n"
-    )  # fmt: skip
-    log = open(d / "sshd.log", "w")
-    server = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=log, stderr=subprocess.STDOUT)
-    try:
-        for _ in range(100):
-            if server.poll() is not None:
-                pytest.fail(f"sshd did not start: {(d / 'sshd.log').read_text()}")
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.1)
-        yield d / "ssh_config"
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
 
 
 @needs_sshd

@@ -10,7 +10,7 @@ import importlib
 _EXPORTS = {
     "read_manifest": "bundle", "write_bundle": "bundle",
     "DeviceLatency": "results", "DeviceResult": "results", "read_result": "results",
-    "Remote": "remote", "RemoteError": "remote", "parse_remote": "remote", "run_remote": "remote",
+    "Remote": "remote", "RemoteError": "remote", "RoundTrip": "remote", "parse_remote": "remote", "run_remote": "remote",
 }  # fmt: skip
 
 __all__ = sorted(_EXPORTS)

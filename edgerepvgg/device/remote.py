@@ -112,8 +112,23 @@ def parse_remote(value: object, where: str = "the profile") -> Remote:
                   timeout_s=float(table.get("timeout_s", DEFAULT_TIMEOUT_S)))  # fmt: skip
 
 
-def run_remote(remote: Remote, bundle: str | Path, name: str | None = None) -> Path:
-    """Run ``bundle`` on ``remote`` and return ``bundle/result``, checked against the bundle.
+@dataclass(frozen=True)
+class RoundTrip:
+    """A finished round trip: the checked result folder and the seconds each step took (the run
+    includes the runner's own evaluation and timing, and a TensorRT engine build)."""
+
+    result: Path
+    push_s: float
+    run_s: float
+    pull_s: float
+
+    def __str__(self) -> str:
+        return f"push {self.push_s:.1f} s, run {self.run_s:.1f} s, fetch {self.pull_s:.1f} s"
+
+
+def run_remote(remote: Remote, bundle: str | Path, name: str | None = None) -> RoundTrip:
+    """Run ``bundle`` on ``remote``; the round trip's result is ``bundle/result``, checked against
+    the bundle.
 
     Raises RemoteError with the reason (unreachable, failed, timed out, runtime missing, a result
     that is not the bundle's); an earlier ``bundle/result`` is then left as it was."""
@@ -128,8 +143,8 @@ def run_remote(remote: Remote, bundle: str | Path, name: str | None = None) -> P
         steps.run(name)
         ran = time.perf_counter()
         steps.pull(name, staged, Path(tmp))
-        log.info("%s on %s: push %.1f s, run %.1f s, pull %.1f s", name, remote.where, pushed - started,
-                 ran - pushed, time.perf_counter() - ran)  # fmt: skip
+        trip = RoundTrip(bundle / RESULT_DIR, pushed - started, ran - pushed, time.perf_counter() - ran)
+        log.info("%s on %s: %s", name, remote.where, trip)
         from edgerepvgg.device.results import read_result  # numpy: only once a result is back
 
         try:
@@ -137,7 +152,7 @@ def run_remote(remote: Remote, bundle: str | Path, name: str | None = None) -> P
         except UserError as exc:
             raise RemoteError(f"{remote.where} sent back a result that is not this bundle's: {exc}") from None
         _replace_dir(staged, bundle / RESULT_DIR)
-    return bundle / RESULT_DIR
+    return trip
 
 
 def _replace_dir(new: Path, dst: Path) -> None:
