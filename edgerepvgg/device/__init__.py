@@ -3,6 +3,6 @@ copied into it (``runner.py``: ``python3 runner.py BUNDLE``) and reading its res
 (:func:`read_result`). See README "Measuring on the device (first slice)"."""
 
 from edgerepvgg.device.bundle import read_manifest, write_bundle
-from edgerepvgg.device.results import DeviceLatency, DeviceResult, read_result
+from edgerepvgg.device.results import DeviceLatency, DeviceResult, NativeTiming, read_result
 
-__all__ = ["DeviceLatency", "DeviceResult", "read_manifest", "read_result", "write_bundle"]
+__all__ = ["DeviceLatency", "DeviceResult", "NativeTiming", "read_manifest", "read_result", "write_bundle"]

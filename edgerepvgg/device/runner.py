@@ -451,10 +451,18 @@ _TRT_P90 = re.compile(r"percentile\(90(?:\.0+)?%\) = ([0-9.eE+-]+) ms")
 _TRT_QUERIES = re.compile(r"Timing trace has (\d+) queries")
 
 
+def trtexec_percentile(values, percentile):
+    """trtexec's own percentile of ``values`` (sampleReporting.cpp findPercentile: the sorted value
+    at index n - 1 - int((1 - p/100) * n)), so a figure read from the file is the one it prints."""
+    v = sorted(values)
+    return v[max(len(v) - 1 - int((1 - percentile / 100.0) * len(v)), 0)]
+
+
 def parse_trtexec(entry, out_dir, log_text):
-    """From the --exportTimes file: the latencyMs of every query after the warm-up (median, p90,
-    mean, min as the runner computes its own); without the file, trtexec's printed summary line
-    ("Latency: min = ..., mean = ..., median = ..., percentile(90%) = ...", the p90 only where printed)."""
+    """From the --exportTimes file: the latencyMs of every query after the warm-up, with trtexec's
+    definitions (median of the middle two, its percentile rule); without the file, trtexec's printed
+    summary line ("Latency: min = ..., mean = ..., median = ..., percentile(90%) = ...", the p90 only
+    where that release prints it)."""
     import numpy as np
 
     opts = dict(a.split("=", 1) for a in entry["argv"][1:] if a.startswith("--") and "=" in a)
@@ -463,8 +471,8 @@ def parse_trtexec(entry, out_dir, log_text):
         rows = drop_trtexec_warmup(trtexec_records(os.path.join(out_dir, times)), float(opts.get("--warmUp", 0)))
         if not rows:
             raise NativeError(f"{times} holds only warm-up queries")
-        t = np.asarray([float(r["latencyMs"]) for r in rows])
-        return times, _figures(entry["batch"], len(rows), np.median(t), np.percentile(t, 90), t.mean(), t.min())
+        t = [float(r["latencyMs"]) for r in rows]
+        return times, _figures(entry["batch"], len(t), np.median(t), trtexec_percentile(t, 90), np.mean(t), min(t))
     lines = [m for m in map(_TRT_LATENCY.search, log_text.splitlines()) if m and "Host Latency" not in m.string]
     if not lines:
         raise NativeError("neither the --exportTimes file nor trtexec's 'Latency: min = ...' line is there")
