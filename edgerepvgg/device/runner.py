@@ -445,7 +445,7 @@ def drop_trtexec_warmup(rows, warmup_ms):
     return [r for r in rows if float(r.get("startComputeMs", warmup_ms)) >= warmup_ms]
 
 
-_TRT_LATENCY = re.compile(r"\bLatency: min = ([0-9.eE+-]+) ms, max = [0-9.eE+-]+ ms, mean = ([0-9.eE+-]+) ms, "
+_TRT_LATENCY = re.compile(r"(?:^|\]\s*)Latency: min = ([0-9.eE+-]+) ms, max = [0-9.eE+-]+ ms, mean = ([0-9.eE+-]+) ms, "
                           r"median = ([0-9.eE+-]+) ms(.*)")  # fmt: skip
 _TRT_P90 = re.compile(r"percentile\(90(?:\.0+)?%\) = ([0-9.eE+-]+) ms")
 _TRT_QUERIES = re.compile(r"Timing trace has (\d+) queries")
@@ -453,9 +453,14 @@ _TRT_QUERIES = re.compile(r"Timing trace has (\d+) queries")
 
 def trtexec_percentile(values, percentile):
     """trtexec's own percentile of ``values`` (sampleReporting.cpp findPercentile: the sorted value
-    at index n - 1 - int((1 - p/100) * n)), so a figure read from the file is the one it prints."""
+    at index n - 1 - int((1 - p/100) * n), in float32 as trtexec computes it: 90% of 10 excludes 1),
+    so a figure read from the file is the one it prints."""
+    import numpy as np
+
     v = sorted(values)
-    return v[max(len(v) - 1 - int((1 - percentile / 100.0) * len(v)), 0)]
+    f32 = np.float32
+    exclude = int((f32(1) - f32(percentile) / f32(100)) * f32(len(v)))
+    return v[max(len(v) - 1 - exclude, 0)]
 
 
 def parse_trtexec(entry, out_dir, log_text):
@@ -473,7 +478,7 @@ def parse_trtexec(entry, out_dir, log_text):
             raise NativeError(f"{times} holds only warm-up queries")
         t = [float(r["latencyMs"]) for r in rows]
         return times, _figures(entry["batch"], len(t), np.median(t), trtexec_percentile(t, 90), np.mean(t), min(t))
-    lines = [m for m in map(_TRT_LATENCY.search, log_text.splitlines()) if m and "Host Latency" not in m.string]
+    lines = [m for m in map(_TRT_LATENCY.search, log_text.splitlines()) if m]  # "Latency:" itself, not "H2D Latency:"
     if not lines:
         raise NativeError("neither the --exportTimes file nor trtexec's 'Latency: min = ...' line is there")
     m = lines[-1]
