@@ -3,8 +3,9 @@
 A bundle is a folder: the artifact's files (same names), ``inputs.npy`` (the evaluation inputs
 preprocessed exactly as the artifact expects: float32 NCHW, normalized, in evaluation-set order;
 the labels stay on the host), ``manifest.json`` (what the artifact is, with the model and QuantSpec
-hashes read from the artifact itself, and how to time it), ``runner.py`` (the torch-free device
-runner) and ``run.sh`` (the one command: ``python3 runner.py .``).
+hashes read from the artifact itself, how to time it, and the vendor's benchmark commands for it:
+``native``), ``runner.py`` (the torch-free device runner) and ``run.sh`` (the one command:
+``python3 runner.py .``).
 """
 
 from __future__ import annotations
