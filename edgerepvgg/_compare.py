@@ -61,6 +61,7 @@ class Row:
     throughput_batch: int | None = None
     size_mb: float | None = None
     timer: str = ""  # what made p50/p90: HOST_TIMER or DEVICE_TIMER (never compare figures of unlike timers)
+    native: str = ""  # the vendor tool's own batch-1 figure on the device, e.g. "0.912 ms p50 (trtexec)"
     gates_failed: tuple[str, ...] = ()
     gates_unchecked: tuple[str, ...] = ()
 
@@ -366,7 +367,21 @@ def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndar
                           "info": {}}, score(torch.from_numpy(result.logits), refs_for(q)), lat,
                           notes=(f"measured on the device {result.device_name}; timer: {result.timer}",))  # fmt: skip
     row = _row(profile, report, q, n_convs)
-    return replace(row, name=f"{name}@device", device=result.device_name, timer=DEVICE_TIMER), q
+    why = "; ".join([row.why, *result.native_notes]).strip("; ")
+    return replace(row, name=f"{name}@device", device=result.device_name, timer=DEVICE_TIMER, native=_native(result),
+                   why=why), q  # fmt: skip
+
+
+def _native(result) -> str:
+    """The vendor tools' batch-1 figures, each with its statistic and tool: p50 where the tool gives
+    one, else its mean (said so); '' when no tool ran."""
+    cells = []
+    for n in result.native:
+        if n.batch != 1:
+            continue
+        value, stat = (n.p50_ms, "p50") if n.p50_ms is not None else (n.mean_ms, "mean") if n.mean_ms is not None else (n.min_ms, "min")
+        cells.append(f"{value:.3f} ms {stat} ({n.tool})")
+    return "; ".join(cells)
 
 
 class _Skip(Exception):

@@ -145,7 +145,7 @@ def _fmt(v, kind: str) -> str:
 COLUMNS = (("target", "name", ""), ("backend", "backend", ""), ("precision", "precision", ""), ("top-1 %", "top1", "pct"),
            ("Δtop-1", "delta_top1", "pts"), ("agree FP32 %", "agree_fp32", "pct"), ("agree emu %", "agree_emulation", "pct"),
            ("INT8 convs", "int8_convs", ""), ("p50 ms", "p50_ms", "ms"), ("p90 ms", "p90_ms", "ms"),
-           ("timer", "timer", ""), ("img/s", "throughput_ips", "ips"), ("batch", "throughput_batch", ""), ("MB", "size_mb", "mb"), ("status", "status", ""))  # fmt: skip
+           ("timer", "timer", ""), ("native b1", "native", ""), ("img/s", "throughput_ips", "ips"), ("batch", "throughput_batch", ""), ("MB", "size_mb", "mb"), ("status", "status", ""))  # fmt: skip
 
 
 def table_rows(comparison: "Comparison") -> tuple[list[str], list[list[str]]]:

@@ -229,3 +229,14 @@ def test_an_unreachable_ssh_host_is_an_error_row(plain, data, tmp_path, sshd):
     assert row.status == "error" and "cannot reach loopback over ssh" in row.why and result.failed
     with pytest.raises(RemoteError, match="cannot reach loopback"):
         run_remote(remote, tmp_path / "cmp" / "gone" / "bundle")
+
+
+def test_the_vendor_tool_that_ran_on_the_device_is_shown_beside_the_runner_figure(plain, data, tmp_path, device_python):
+    """OpenVINO's benchmark_app is in this venv, so the 'device' finds it beside its Python."""
+    pytest.importorskip("openvino")
+    remote = local_remote(tmp_path / "device", device_python)
+    result = run_compare(plain, data, tmp_path, Profile("ov", "openvino", "fp32", threads=1, batch=2, remote=remote))
+    row = {r.name: r for r in result.rows}["ov@device"]
+    assert row.status == "ok", row.why
+    assert "(benchmark_app)" in row.native and " ms " in row.native and row.timer == DEVICE_TIMER
+    assert float(row.native.split()[0]) > 0

@@ -9,7 +9,7 @@ import importlib
 
 _EXPORTS = {
     "read_manifest": "bundle", "write_bundle": "bundle",
-    "DeviceLatency": "results", "DeviceResult": "results", "read_result": "results",
+    "DeviceLatency": "results", "DeviceResult": "results", "NativeTiming": "results", "read_result": "results",
     "Remote": "remote", "RemoteError": "remote", "RoundTrip": "remote", "parse_remote": "remote", "run_remote": "remote",
 }  # fmt: skip
 

@@ -3,8 +3,9 @@
 A bundle is a folder: the artifact's files (same names), ``inputs.npy`` (the evaluation inputs
 preprocessed exactly as the artifact expects: float32 NCHW, normalized, in evaluation-set order;
 the labels stay on the host), ``manifest.json`` (what the artifact is, with the model and QuantSpec
-hashes read from the artifact itself, and how to time it), ``runner.py`` (the torch-free device
-runner) and ``run.sh`` (the one command: ``python3 runner.py .``).
+hashes read from the artifact itself, how to time it, and the vendor's benchmark commands for it:
+``native``), ``runner.py`` (the torch-free device runner) and ``run.sh`` (the one command:
+``python3 runner.py .``).
 """
 
 from __future__ import annotations
@@ -65,6 +66,48 @@ def _relative_names(artifact: Artifact) -> list[tuple[Path, str]]:
     return out
 
 
+#: why a backend's bundle names no native benchmark tool
+NATIVE_NONE = {
+    "onnxruntime": "ONNX Runtime's pip packages ship no benchmark tool (onnxruntime_perf_test is built from source); "
+                   "the runner's own timing is the only one",
+}  # fmt: skip
+
+
+def native_commands(backend: str, artifact: str, timing: dict, sample_shape: list[int]) -> list[dict]:
+    """The vendor's benchmark commands for a bundle's artifact, as argv lists with bundle-relative
+    names (run in the bundle folder they time it by hand; the runner runs them in a mirror of it
+    and keeps their output as result/native/...), at batch 1 and the bundle's batch where the tool
+    takes a batch, with the bundle's threads, warm-up and runs where the tool has the option."""
+    threads, runs, warmup = timing["threads"], timing["runs"], timing["warmup"]
+    batches = sorted({1, timing["batch"]})
+    out: list[dict] = []
+    if backend == "tensorrt":
+        for b in batches:
+            times = f"{_runner.NATIVE_DIR}/trtexec_times_b{b}.json"
+            dims = "x".join(map(str, [b, *sample_shape]))
+            argv = ["trtexec", f"--loadEngine={_runner.ENGINE_FILE}", f"--shapes={_runner.INPUT_NAME}:{dims}", "--warmUp=500",
+                    "--duration=0", f"--iterations={runs}", f"--avgRuns={runs}", f"--exportTimes={times}"]  # fmt: skip
+            out.append({"tool": "trtexec", "batch": b, "argv": argv})
+    elif backend == "openvino":
+        for b in batches:
+            report = f"{_runner.NATIVE_DIR}/benchmark_app_b{b}"
+            # benchmark_app refuses -nthreads beside a performance hint: the hint goes, one stream stays
+            tune = ["-hint", "none", "-nstreams", "1", "-nthreads", str(threads)] if threads else ["-hint", "latency"]
+            argv = ["benchmark_app", "-m", artifact, "-d", "CPU", *tune, "-api", "sync", "-nireq", "1", "-infer_precision", "f32",
+                    "-shape", "[" + ",".join(map(str, [b, *sample_shape])) + "]", "-niter", str(runs),
+                    "-report_type", "no_counters", "-report_folder", report]  # fmt: skip
+            out.append({"tool": "benchmark_app", "batch": b, "argv": argv, "mkdir": [report]})
+    elif backend == "tflite":  # both tools time the model's own input shape (batch 1)
+        nt = [f"--num_threads={threads}"] if threads else []
+        out.append({"tool": "benchmark_model", "batch": 1,
+                    "argv": ["benchmark_model", f"--graph={artifact}", *nt, f"--num_runs={runs}", f"--warmup_runs={warmup}",
+                             "--min_secs=0", "--warmup_min_secs=0"]})  # fmt: skip
+        out.append({"tool": "litert-benchmark", "batch": 1,
+                    "argv": ["litert-benchmark", f"--model={artifact}", *nt, f"--num_runs={runs}", f"--warmup_runs={warmup}",
+                             f"--result_json={_runner.NATIVE_DIR}/litert_benchmark_b1.json"]})  # fmt: skip
+    return out
+
+
 def write_bundle(artifact: Artifact, target: Target, eval_set: TensorDataset, out_dir: str | Path, *,
                  threads: int | None = None, batch: int = 16, warmup: int = 10, runs: int = 50,
                  profile_name: str | None = None) -> Path:  # fmt: skip
@@ -115,6 +158,7 @@ def write_bundle(artifact: Artifact, target: Target, eval_set: TensorDataset, ou
                                        + ("sh build_engine.sh\n" if engine_needed else "") + 'exec "${PYTHON:-python3}" runner.py . "$@"\n')  # fmt: skip
         (tmp / SCRIPT_FILE).chmod(0o755)
         module = _runner.RUNTIMES[target.name][0] if target.name in _runner.RUNTIMES else None
+        timing = {"threads": threads, "batch": batch, "warmup": warmup, "runs": runs}
         manifest = {
             "format": BUNDLE_FORMAT,
             "version": BUNDLE_VERSION,
@@ -130,7 +174,9 @@ def write_bundle(artifact: Artifact, target: Target, eval_set: TensorDataset, ou
             "inputs": {"file": INPUTS_FILE, "count": int(x.shape[0]), "shape": list(x.shape), "dtype": "float32",
                        "layout": "NCHW", "normalized": True, "sha256": sha256_file(tmp / INPUTS_FILE)},  # fmt: skip
             "eval_source": eval_set.source,
-            "timing": {"threads": threads, "batch": batch, "warmup": warmup, "runs": runs},
+            "timing": timing,
+            "native": native_commands(target.name, entry, timing, list(x.shape[1:])),
+            "native_none": NATIVE_NONE.get(target.name),
             "profile": profile_name,
             "runner": RUNNER_FILE,
             "command": command,

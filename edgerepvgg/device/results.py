@@ -33,10 +33,32 @@ class DeviceLatency:
 
 
 @dataclass(frozen=True)
+class NativeTiming:
+    """What a vendor's benchmark tool (``tool``: trtexec, benchmark_app, benchmark_model,
+    litert-benchmark) measured on the device, as the tool reported it: milliseconds per call at
+    ``batch``; a figure the tool does not give is None, never derived (benchmark_app and the LiteRT
+    tools give no p90). ``timer`` says what the tool timed (not the runner's Python wall-clock with
+    host copies); ``source`` is the raw file the figures were read from (in the result's native/)."""
+
+    tool: str
+    batch: int
+    p50_ms: float | None
+    p90_ms: float | None
+    mean_ms: float | None
+    min_ms: float | None
+    runs: int | None
+    source: Path
+    timer: str
+
+
+@dataclass(frozen=True)
 class DeviceResult:
     """A device run of a bundle: logits (N, classes) float32 numpy in the bundle's input order,
     latency per batch size, the device's identity (host name, CPU, cores, GPU, runtime), and the
-    timer that made the latency figures."""
+    timer that made the latency figures. ``native``: the vendor's benchmark tool's figures, one per
+    tool and batch that ran and reported (empty where none ran: ``--native off``, a runner before
+    native timers, ONNX Runtime); ``native_notes``: one line per tool that gave none, and why (not
+    found, failed, timed out, skipped)."""
 
     path: Path
     backend: str
@@ -48,6 +70,8 @@ class DeviceResult:
     device: dict
     timer: str
     fixed_batch: int | None = None
+    native: tuple[NativeTiming, ...] = ()
+    native_notes: tuple[str, ...] = ()
 
     @property
     def device_name(self) -> str:
@@ -75,6 +99,39 @@ def _latency(where: Path, rows: object) -> dict[int, DeviceLatency]:
             raise _fail(where, f"has invalid latency samples at batch {lat.batch} (need {lat.runs} positive finite samples)")
         out[lat.batch] = lat
     return out
+
+
+def _native(where: Path, result_dir: Path, result: dict) -> tuple[tuple[NativeTiming, ...], tuple[str, ...]]:
+    """The native tools' figures and, for each tool that gave none, one line saying why."""
+    rows = result.get("native")
+    if rows is None:  # a result written before native timers
+        return (), ()
+    if not isinstance(rows, list):
+        raise _fail(where, "has a malformed native list; run the bundle's runner.py again")
+    if result.get("native_mode") == "off":
+        return (), ("native benchmark tools not run (runner.py --native off)",)
+    if not rows and isinstance(result.get("native_none"), str):
+        return (), (result["native_none"],)
+    timings, notes = [], []
+    for row in rows:
+        try:
+            tool, status = str(row["tool"]), row["status"]
+            if status != "ok":
+                notes.append(f"{tool} (batch {int(row['batch'])}): {str(status).replace('_', ' ')}" + (f": {row['note']}" if row.get("note") else ""))
+                continue
+            f = row["figures"]
+            values = [None if f[k] is None else float(f[k]) for k in _LATENCY_KEYS]
+            runs = None if f["runs"] is None else int(f["runs"])
+            timing = NativeTiming(tool, int(f["batch"]), *values, runs, result_dir / str(row["source"]), str(row["timer"]))
+        except (TypeError, KeyError, ValueError, AttributeError) as exc:
+            raise _fail(where, f"has a malformed native entry ({type(exc).__name__}: {exc})") from None
+        given = [v for v in values if v is not None]
+        if not given or not all(math.isfinite(v) and v > 0 for v in given) or timing.batch < 1 or (runs is not None and runs < 1):
+            raise _fail(where, f"has invalid native figures from {tool} at batch {timing.batch} (need positive finite milliseconds)")
+        if Path(str(row["source"])).is_absolute() or ".." in Path(str(row["source"])).parts:
+            raise _fail(where, f"names a native source outside the result folder ({row['source']!r})")
+        timings.append(timing)
+    return tuple(timings), tuple(notes)
 
 
 def read_result(result_dir: str | Path, bundle: str | Path | dict) -> DeviceResult:
@@ -111,6 +168,7 @@ def read_result(result_dir: str | Path, bundle: str | Path | dict) -> DeviceResu
     if not isinstance(timer, str) or not timer or not isinstance(device, dict) or not device.get("hostname"):
         raise _fail(path, "has no timer or device identity")
     latency = _latency(path, result.get("latency"))
+    native, native_notes = _native(path, result_dir, result)
 
     logits_path = result_dir / LOGITS_FILE
     if not logits_path.is_file():
@@ -128,4 +186,4 @@ def read_result(result_dir: str | Path, bundle: str | Path | dict) -> DeviceResu
     if not np.isfinite(logits).all():
         raise _fail(logits_path, "holds non-finite logits")
     return DeviceResult(result_dir, result["backend"], result["precision"], result["model_hash"], result["spec_sha256"],
-                        logits, latency, device, timer, result.get("fixed_batch"))  # fmt: skip
+                        logits, latency, device, timer, result.get("fixed_batch"), native, native_notes)  # fmt: skip

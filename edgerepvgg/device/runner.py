@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """edgerepvgg device runner: runs a device bundle's artifact on the device and writes a result.
 
-    python3 runner.py BUNDLE_DIR [-o RESULT_DIR]
+    python3 runner.py BUNDLE_DIR [-o RESULT_DIR] [--native auto|off|require]
 
 A single file, copied into every bundle. It needs Python 3.8 or newer, numpy and the bundle's
 runtime only (ONNX Runtime, OpenVINO, LiteRT or TensorRT with cuda-python or pycuda); it never
@@ -10,6 +10,13 @@ input (in chunks of the manifest's batch) and keeps the logits, times the artifa
 N runs at batch 1 and at the manifest's batch, with Python's perf_counter, host copies included)
 and writes ``result.json`` + ``logits.npy`` into RESULT_DIR (default BUNDLE_DIR/result), all at
 once: a failed run leaves no result and an earlier result in RESULT_DIR is replaced whole.
+
+After its own timing it runs the vendor's benchmark tool the manifest names (``native``: trtexec,
+benchmark_app, TFLite's benchmark_model, litert-benchmark) where that tool is found here ($TRTEXEC,
+$BENCHMARK_APP, $BENCHMARK_MODEL, $LITERT_BENCHMARK, else PATH, else beside this Python, else a
+known folder), keeps its raw output in RESULT_DIR/native/ and records what ran and the figures it
+gave (``--native auto``: a missing or failing tool is recorded and the run still succeeds; ``off``:
+not run; ``require``: a tool that is missing or gives no figures is an error, exit 1).
 
 Exit codes: 0 done; 1 a bad bundle or a failed run; 2 the runtime is not installed here.
 """
@@ -23,8 +30,10 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import time
@@ -354,6 +363,331 @@ def time_batch(session, x, batch, warmup, runs):
 
 
 # ---------------------------------------------------------------------------------------------
+# Native timers: the vendor's benchmark tool, run after the runner's own timing
+
+
+class NativeTool:
+    """How a vendor's benchmark tool is found here and what its figures mean (``timer``)."""
+
+    def __init__(self, env, paths, timer):
+        self.env, self.paths, self.timer = env, paths, timer
+
+
+TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec",)  # JetPack and NGC containers install it here, off PATH
+NATIVE_TOOLS = {
+    "trtexec": NativeTool("TRTEXEC", TRTEXEC_PATHS,
+                          "trtexec Latency: H2D + GPU compute + D2H per query (CUDA events), random inputs; "
+                          "from --exportTimes, warm-up queries dropped"),
+    "benchmark_app": NativeTool("BENCHMARK_APP", (),
+                                "OpenVINO benchmark_app: latency per synchronous infer request, inputs filled once (random)"),
+    "benchmark_model": NativeTool("BENCHMARK_MODEL", (),
+                                  "TFLite benchmark_model: wall time per Invoke (C++), random inputs"),
+    "litert-benchmark": NativeTool("LITERT_BENCHMARK", (),
+                                   "litert-benchmark (ai_edge_litert.tools.benchmark_litert_model): Python perf_counter "
+                                   "around CompiledModel.run_by_name, random inputs, 0.01 ms resolution"),
+}  # fmt: skip
+NATIVE_MODES = ("auto", "off", "require")
+NATIVE_DIR = "native"
+NATIVE_TIMEOUT = 600.0  # seconds per tool run
+_FIGURES = ("p50_ms", "p90_ms", "mean_ms", "min_ms")
+
+
+class NativeError(Exception):
+    """A native tool ran but its output holds no figures (recorded; fatal only under --native require)."""
+
+
+def find_tool(name, argv0):
+    """(path, None) of the tool: $ENV if set, else PATH, else beside this Python (a venv's pip
+    scripts), else a known folder; (None, why) where it is not found."""
+    tool = NATIVE_TOOLS[name]
+    override = os.environ.get(tool.env)
+    if override:
+        if os.path.isfile(override) and os.access(override, os.X_OK):
+            return override, None
+        return None, f"${tool.env}={override} is not an executable file"
+    found = shutil.which(argv0)
+    if found:
+        return found, None
+    here = os.path.join(os.path.dirname(os.path.abspath(sys.executable)), argv0)
+    for candidate in (here,) + tuple(tool.paths):
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate, None
+    where = ", ".join(("PATH", os.path.dirname(here)) + tuple(tool.paths))
+    return None, f"{argv0} not found (looked in {where}); set ${tool.env}=/path/to/{argv0}"
+
+
+def _figures(batch, runs, p50=None, p90=None, mean=None, min_=None):
+    """The parsed figures; a figure the tool did not give stays None, a non-positive one (below
+    the tool's printed resolution) is dropped rather than recorded as 0."""
+    out = {"batch": batch, "runs": runs}
+    for key, value in zip(_FIGURES, (p50, p90, mean, min_)):
+        out[key] = float(value) if value is not None and float(value) > 0 else None
+    if all(out[k] is None for k in _FIGURES):
+        raise NativeError("no latency figures in the tool's output")
+    return out
+
+
+def trtexec_records(path):
+    """The per-query records of a trtexec ``--exportTimes`` JSON (those with ``computeMs``)."""
+    try:
+        with open(path) as f:
+            rows = [r for r in json.load(f) if isinstance(r, dict) and "computeMs" in r]
+    except (OSError, ValueError, TypeError) as exc:
+        raise NativeError(f"{path} is not a trtexec --exportTimes file ({exc})")
+    if not rows:
+        raise NativeError(f"{path} holds no inference times (not a trtexec --exportTimes file?)")
+    return rows
+
+
+def drop_trtexec_warmup(rows, warmup_ms):
+    """trtexec exports its warm-up queries too; its own summary drops those whose compute started
+    within the first ``--warmUp`` milliseconds (sampleReporting.cpp), and so does this."""
+    return [r for r in rows if float(r.get("startComputeMs", warmup_ms)) >= warmup_ms]
+
+
+_TRT_LATENCY = re.compile(r"(?:^|\]\s*)Latency: min = ([0-9.eE+-]+) ms, max = [0-9.eE+-]+ ms, mean = ([0-9.eE+-]+) ms, "
+                          r"median = ([0-9.eE+-]+) ms(.*)")  # fmt: skip
+_TRT_P90 = re.compile(r"percentile\(90(?:\.0+)?%\) = ([0-9.eE+-]+) ms")
+_TRT_QUERIES = re.compile(r"Timing trace has (\d+) queries")
+
+
+def trtexec_percentile(values, percentile):
+    """trtexec's own percentile of ``values`` (sampleReporting.cpp findPercentile: the sorted value
+    at index n - 1 - int((1 - p/100) * n), in float32 as trtexec computes it: 90% of 10 excludes 1),
+    so a figure read from the file is the one it prints."""
+    import numpy as np
+
+    v = sorted(values)
+    f32 = np.float32
+    exclude = int((f32(1) - f32(percentile) / f32(100)) * f32(len(v)))
+    return v[max(len(v) - 1 - exclude, 0)]
+
+
+def parse_trtexec(entry, out_dir, log_text):
+    """From the --exportTimes file: the latencyMs of every query after the warm-up, with trtexec's
+    definitions (median of the middle two, its percentile rule); without the file, trtexec's printed
+    summary line ("Latency: min = ..., mean = ..., median = ..., percentile(90%) = ...", the p90 only
+    where that release prints it)."""
+    import numpy as np
+
+    opts = dict(a.split("=", 1) for a in entry["argv"][1:] if a.startswith("--") and "=" in a)
+    times = opts.get("--exportTimes")
+    if times and os.path.isfile(os.path.join(out_dir, times)):
+        rows = drop_trtexec_warmup(trtexec_records(os.path.join(out_dir, times)), float(opts.get("--warmUp", 0)))
+        if not rows:
+            raise NativeError(f"{times} holds only warm-up queries")
+        t = [float(r["latencyMs"]) for r in rows]
+        return times, _figures(entry["batch"], len(t), np.median(t), trtexec_percentile(t, 90), np.mean(t), min(t))
+    lines = [m for m in map(_TRT_LATENCY.search, log_text.splitlines()) if m]  # "Latency:" itself, not "H2D Latency:"
+    if not lines:
+        raise NativeError("neither the --exportTimes file nor trtexec's 'Latency: min = ...' line is there")
+    m = lines[-1]
+    p90 = _TRT_P90.search(m.group(4))
+    queries = _TRT_QUERIES.findall(log_text)
+    return None, _figures(entry["batch"], int(queries[-1]) if queries else None, m.group(3), p90 and p90.group(1),
+                          m.group(2), m.group(1))  # fmt: skip
+
+
+def _number(text):
+    m = re.search(r"[0-9]+(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?", text)
+    return float(m.group(0)) if m else None
+
+
+def parse_benchmark_app(entry, out_dir, log_text):
+    """benchmark_app's report (``-report_folder``: benchmark_report.csv, ';'-separated sections):
+    median ("latency (ms)" in the Python tool, "Median latency (ms)" in the C++ one), average and
+    minimum latency, iterations and batch; else its printed "Median: / Average: / Min:" lines.
+    benchmark_app reports one percentile (50 by default), so p90 stays None."""
+    argv = entry["argv"]
+    folder = argv[argv.index("-report_folder") + 1] if "-report_folder" in argv else None
+    csv = os.path.join(folder, "benchmark_report.csv") if folder else None
+    values = {}
+    if csv and os.path.isfile(os.path.join(out_dir, csv)):
+        with open(os.path.join(out_dir, csv)) as f:
+            for line in f:
+                key, sep, value = line.strip().partition(";")
+                if sep:
+                    values[key.strip().lower()] = value.strip()
+        source = csv
+    else:
+        for key, label in (("median", "median latency (ms)"), ("average", "avg latency"), ("min", "min latency")):
+            m = re.search(r"\]\s+" + key.capitalize() + r":\s+([0-9.]+) ms", log_text)
+            if m:
+                values[label] = m.group(1)
+        m = re.search(r"Count:\s+(\d+) iterations", log_text)
+        if m:
+            values["total number of iterations"] = m.group(1)
+        source = None
+
+    def first(*keys):
+        for k in keys:
+            if values.get(k):
+                return _number(values[k])
+        return None
+
+    if "-latency_percentile" in argv and argv[argv.index("-latency_percentile") + 1] != "50":
+        raise NativeError("benchmark_app ran with -latency_percentile other than 50; its latency is not a median")
+    batch = first("batch size")
+    runs = first("total number of iterations")
+    return source, _figures(int(batch) if batch else entry["batch"], int(runs) if runs else None,
+                            first("median latency (ms)", "latency (ms)"), None,
+                            first("average latency (ms)", "avg latency"), first("min latency (ms)", "min latency"))  # fmt: skip
+
+
+_BM_STAT = re.compile(r"count=(\d+) first=\S+ curr=\S+ min=(\S+) max=\S+ avg=(\S+) std=\S+(.*)")
+
+
+def parse_benchmark_model(entry, out_dir, log_text):
+    """TFLite benchmark_model's measured-run statistics line, in microseconds: the last
+    "count=N first=.. curr=.. min=.. max=.. avg=.. std=.." (the warm-up's comes first), with
+    "median=" where the tool prints percentiles (p5/median/p95, no p90)."""
+    stats = [m for m in map(_BM_STAT.search, log_text.splitlines()) if m]
+    if not stats:
+        raise NativeError("no 'count=... avg=...' statistics line in benchmark_model's output")
+    m = stats[-1]
+    median = re.search(r"\bmedian=(\S+)", m.group(4))
+    us = lambda v: float(v) / 1000.0  # noqa: E731
+    return None, _figures(entry["batch"], int(m.group(1)), us(median.group(1)) if median else None, None,
+                          us(m.group(3)), us(m.group(2)))  # fmt: skip
+
+
+def parse_litert_benchmark(entry, out_dir, log_text):
+    """litert-benchmark's ``--result_json`` (latency.median_ms / avg_ms / min_ms / num_runs, in ms
+    rounded to 0.01), else its printed "Inference (median|avg|min): X ms" lines; p5/p95, no p90."""
+    path = next((a.split("=", 1)[1] for a in entry["argv"] if a.startswith("--result_json=")), None)
+    if path and os.path.isfile(os.path.join(out_dir, path)):
+        try:
+            with open(os.path.join(out_dir, path)) as f:
+                lat = json.load(f)["latency"]
+            return path, _figures(entry["batch"], int(lat["num_runs"]), lat.get("median_ms"), None, lat.get("avg_ms"),
+                                  lat.get("min_ms"))  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise NativeError(f"{path} is not a litert-benchmark result ({type(exc).__name__}: {exc})")
+    found = dict(re.findall(r"Inference \((median|avg|min)\):\s+([0-9.]+) ms", log_text))
+    runs = re.search(r"Inference \(avg\):\s+[0-9.]+ ms \((\d+) runs\)", log_text)
+    return None, _figures(entry["batch"], int(runs.group(1)) if runs else None, found.get("median"), None,
+                          found.get("avg"), found.get("min"))  # fmt: skip
+
+
+NATIVE_PARSERS = {"trtexec": parse_trtexec, "benchmark_app": parse_benchmark_app,
+                  "benchmark_model": parse_benchmark_model, "litert-benchmark": parse_litert_benchmark}  # fmt: skip
+
+
+def native_entries(manifest):
+    """The manifest's native benchmark commands (an older bundle has none)."""
+    entries = manifest.get("native") or []
+    for e in entries:
+        if not isinstance(e, dict) or e.get("tool") not in NATIVE_TOOLS or not isinstance(e.get("argv"), list) or not e["argv"]:
+            raise BundleError(f"the manifest's native entry {str(e)[:80]!r} is malformed; write the bundle again")
+    return entries
+
+
+def _mirror(bundle, manifest, work):
+    """``work`` holds the bundle's files (links, or copies where links fail) so that a tool runs
+    its argv verbatim there (bundle-relative names) and writes its output beside them, not into
+    the bundle."""
+    names = list(manifest.get("files") or [manifest["artifact"]])
+    engine = manifest.get("engine")
+    if engine and os.path.isfile(os.path.join(bundle, engine)):
+        names.append(engine)
+    for name in names:
+        src, dst = os.path.join(bundle, name), os.path.join(work, name)
+        if not os.path.exists(src):
+            continue
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.symlink(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+
+def run_native_tool(entry, path, work, timeout):
+    """Run one tool in ``work``: the record of what ran (tool, argv, path, exit code, seconds,
+    status) and, where it gave them, the figures; its stdout and stderr go to native/<name>.log."""
+    name = entry["tool"]
+    rec = {"tool": name, "batch": entry["batch"], "argv": list(entry["argv"]), "path": path,
+           "timer": NATIVE_TOOLS[name].timer, "log": None, "exit_code": None, "seconds": None,
+           "status": None, "note": None, "source": None, "figures": None}  # fmt: skip
+    for folder in entry.get("mkdir") or [NATIVE_DIR]:
+        os.makedirs(os.path.join(work, folder), exist_ok=True)
+    log_name = f"{NATIVE_DIR}/{name}_b{entry['batch']}.log"
+    rec["log"] = log_name
+    start = time.perf_counter()
+    try:
+        with open(os.path.join(work, log_name), "wb") as log_file:
+            proc = subprocess.run([path] + list(entry["argv"][1:]), cwd=work, stdout=log_file, stderr=subprocess.STDOUT,
+                                  stdin=subprocess.DEVNULL, timeout=timeout)  # fmt: skip
+        rec["exit_code"] = proc.returncode
+    except subprocess.TimeoutExpired:
+        rec.update(status="timeout", seconds=round(time.perf_counter() - start, 3),
+                   note=f"{name} did not finish within {timeout:g} s; stopped")  # fmt: skip
+        return rec
+    except OSError as exc:
+        rec.update(status="failed", seconds=round(time.perf_counter() - start, 3), note=f"{name} could not start: {exc}")
+        return rec
+    rec["seconds"] = round(time.perf_counter() - start, 3)
+    with open(os.path.join(work, log_name), errors="replace") as f:
+        text = f.read()
+    if proc.returncode != 0:
+        last = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        rec.update(status="failed", note=f"{name} exited with {proc.returncode}" + (f": {last[-1][:200]}" if last else ""))
+        return rec
+    try:
+        rec["source"], rec["figures"] = NATIVE_PARSERS[name](entry, work, text)
+    except NativeError as exc:
+        rec.update(status="failed", note=f"{name} exited 0 but {exc}")
+        return rec
+    rec["source"] = rec["source"] or log_name
+    rec["status"] = "ok"
+    return rec
+
+
+def resolve_native(manifest, mode):
+    """[(entry, path or None, why not)] for the manifest's tools; under ``require`` a tool that
+    is not here, or a bundle that names none, is a BundleError."""
+    if mode == "off":
+        return []
+    entries = native_entries(manifest)
+    if not entries and mode == "require":
+        why = manifest.get("native_none") or "the bundle names no native benchmark tool"
+        raise BundleError(f"--native require: {why}")
+    out = []
+    for e in entries:
+        path, why = find_tool(e["tool"], e["argv"][0])
+        if path is None and mode == "require":
+            raise BundleError(f"--native require: {why}")
+        out.append((e, path, why))
+    return out
+
+
+def run_native(bundle, manifest, tools, session, work, mode, timeout):
+    """Run each found tool in ``work`` (a mirror of the bundle); the records of all of them."""
+    if not tools:
+        return []
+    _mirror(bundle, manifest, work)
+    records = []
+    for entry, path, why in tools:
+        if path is None:
+            records.append({"tool": entry["tool"], "batch": entry["batch"], "argv": list(entry["argv"]), "path": None,
+                            "timer": NATIVE_TOOLS[entry["tool"]].timer, "status": "not_found", "note": why})  # fmt: skip
+            log.info("%s", why)
+            continue
+        fixed = session.fixed_batch
+        if fixed and entry["batch"] != fixed:
+            records.append({"tool": entry["tool"], "batch": entry["batch"], "argv": list(entry["argv"]), "path": path,
+                            "timer": NATIVE_TOOLS[entry["tool"]].timer, "status": "skipped",
+                            "note": f"the artifact's batch is fixed at {fixed}"})  # fmt: skip
+            continue
+        rec = run_native_tool(entry, path, work, timeout)
+        if rec["status"] != "ok":
+            if mode == "require":
+                raise BundleError(f"--native require: {rec['note']}")
+            log.info("%s (recorded; the run goes on)", rec["note"])
+        records.append(rec)
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
 # Device identity
 
 
@@ -384,8 +718,6 @@ def gpu_name(session):
         return name
     smi = shutil.which("nvidia-smi")
     if smi:
-        import subprocess
-
         try:
             out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], stdout=subprocess.PIPE,
                                  stderr=subprocess.DEVNULL, timeout=10, check=True, universal_newlines=True).stdout
@@ -464,22 +796,30 @@ def artifact_path(bundle, manifest):
     return path
 
 
-def write_result(out_dir, result, logits):
-    """result.json + logits.npy into ``out_dir`` at once: built in a temporary sibling folder,
-    then renamed into place; an earlier result there is replaced whole, anything else refused."""
-    import numpy as np
-
-    out_dir = os.path.abspath(out_dir)
-    parent = os.path.dirname(out_dir)
+def check_output(out_dir):
+    """``out_dir`` may take a result: absent, empty, or an earlier result (replaced whole)."""
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
             raise BundleError(f"{out_dir} exists and is not a folder; pass -o a folder for the result")
         if os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, RESULT_FILE)):
             raise BundleError(f"{out_dir} holds files that are not a device result; pass -o a new folder")
+
+
+def write_result(out_dir, result, logits, native_dir=None):
+    """result.json + logits.npy (and the native tools' output folder ``native_dir`` as native/)
+    into ``out_dir`` at once: built in a temporary sibling folder, then renamed into place; an
+    earlier result there is replaced whole, anything else refused."""
+    import numpy as np
+
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    check_output(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".", suffix=".tmp", dir=parent)
     old = None
     try:
+        if native_dir is not None and os.path.isdir(native_dir):
+            shutil.move(native_dir, os.path.join(tmp, NATIVE_DIR))
         with open(os.path.join(tmp, LOGITS_FILE), "wb") as f:
             np.save(f, logits)
             f.flush()
@@ -505,11 +845,16 @@ def write_result(out_dir, result, logits):
     return out_dir
 
 
-def run(bundle, out_dir=None):
+def run(bundle, out_dir=None, native="auto", native_timeout=NATIVE_TIMEOUT):
+    if native not in NATIVE_MODES:
+        raise BundleError(f"native must be one of {', '.join(NATIVE_MODES)}, got {native!r}")
     bundle = os.path.abspath(bundle)
+    out_dir = os.path.abspath(out_dir or os.path.join(bundle, "result"))
     manifest = read_manifest(bundle)
     backend = manifest["backend"]
     import_runtime(backend)  # a missing runtime is said before anything else is done
+    tools = resolve_native(manifest, native)  # so is a required tool that is not here
+    check_output(out_dir)
     x = load_inputs(bundle, manifest)
     timing = manifest["timing"]
     session = SESSIONS[backend](artifact_path(bundle, manifest), timing.get("threads"))
@@ -529,9 +874,20 @@ def run(bundle, out_dir=None):
         "logits": {"file": LOGITS_FILE, "shape": list(logits.shape), "dtype": "float32"},
         "timer": TIMER, "threads": timing.get("threads"), "latency": latency,
         "device": identity(backend, session),
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "native_mode": native,
+        "native": [],
+        "native_none": manifest.get("native_none"),
+        "finished": None,
     }
-    return write_result(out_dir or os.path.join(bundle, "result"), result, logits), result
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    work = tempfile.mkdtemp(prefix="." + os.path.basename(out_dir) + ".native-", suffix=".tmp", dir=parent)
+    try:
+        result["native"] = run_native(bundle, manifest, tools, session, work, native, native_timeout)
+        result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        return write_result(out_dir, result, logits, os.path.join(work, NATIVE_DIR)), result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _log_to_stderr() -> None:
@@ -548,10 +904,15 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="runner.py", description="Run an edgerepvgg device bundle on this device.")
     parser.add_argument("bundle", help="the bundle folder (holds manifest.json)")
     parser.add_argument("-o", "--output", help="result folder (default: BUNDLE/result); replaced whole on a re-run")
+    parser.add_argument("--native", choices=NATIVE_MODES, default="auto",
+                        help="the vendor's benchmark tool named in the manifest: auto (run it where found, record it "
+                             "where not or where it fails), off, require (missing or failing: exit 1)")  # fmt: skip
+    parser.add_argument("--native-timeout", type=float, default=NATIVE_TIMEOUT, metavar="SECONDS",
+                        help=f"stop a native tool after this long (default {NATIVE_TIMEOUT:g})")
     args = parser.parse_args(argv)
     _log_to_stderr()
     try:
-        out, result = run(args.bundle, args.output)
+        out, result = run(args.bundle, args.output, args.native, args.native_timeout)
     except MissingRuntime as exc:
         log.error("%s", exc)
         return 2
@@ -569,6 +930,11 @@ def main(argv=None):
     lat = ", ".join(f"batch {r['batch']}: p50 {r['p50_ms']:.3f} ms" for r in result["latency"])
     log.info("%s %s on %s (%s): %d inputs; %s (%s) -> %s", result["backend"], result["precision"], dev["hostname"],
              dev["cpu_model"], result["inputs"]["count"], lat, TIMER, out)  # fmt: skip
+    for rec in result["native"]:
+        if rec["status"] == "ok":
+            f = rec["figures"]
+            shown = ", ".join(f"{k[:-3]} {f[k]:.3f} ms" for k in _FIGURES if f[k] is not None)
+            log.info("%s, batch %s: %s (%s runs; %s)", rec["tool"], f["batch"], shown, f["runs"], rec["source"])
     return 0
 
 

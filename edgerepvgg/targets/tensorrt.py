@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgerepvgg.device import runner as _runner
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path, write_text_atomic
 from edgerepvgg.plain import PlainNet
@@ -70,7 +71,7 @@ DEFAULT_VERSION = "10"  # assumed where none is given and TensorRT is absent
 ALIGNMENT = 256  # bytes: IExecutionContext::setTensorAddress ("at least 256-byte alignment", NvInferRuntime.h 10.3)
 #: trtexec releases grouped by the command they take: (family, first release, last release or None).
 TRTEXEC_FAMILIES = (("8.5", (8, 5), (9, 99)), ("10", (10, 0), (10, 99)), ("11", (11, 0), None))
-TRTEXEC_PATHS = ("/usr/src/tensorrt/bin/trtexec",)  # JetPack and NGC containers install it here, off PATH
+TRTEXEC_PATHS = _runner.TRTEXEC_PATHS  # JetPack and NGC containers install it here, off PATH (one list: the device runner's)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,12 +251,17 @@ def time_command(batch: int, shape: tuple[int, ...], trtexec: str = "trtexec") -
             "--iterations=100", f"--exportTimes={times}", f"--exportProfile={profile}", "--separateProfileRun"]  # fmt: skip
 
 
-def read_trtexec_times(path: str | Path) -> dict:
+def read_trtexec_times(path: str | Path, warmup_ms: float = 0.0) -> dict:
     """Summary of a trtexec ``--exportTimes`` JSON (one object per inference): the count and the
-    median / p90 / mean of ``computeMs`` (GPU time) and ``latencyMs`` (with host copies)."""
-    rows = [r for r in json.loads(Path(path).read_text()) if isinstance(r, dict) and "computeMs" in r]
+    median / p90 / mean of ``computeMs`` (GPU time) and ``latencyMs`` (with host copies). trtexec
+    exports its warm-up queries too: pass its ``--warmUp`` (time_engine.sh: 500) to drop them as
+    its own summary does. The file is read by the device runner's reader (one parser for both)."""
+    try:
+        rows = _runner.drop_trtexec_warmup(_runner.trtexec_records(str(path)), warmup_ms)
+    except _runner.NativeError as exc:
+        raise UserError(str(exc)) from None
     if not rows:
-        raise UserError(f"{path} holds no inference times (not a trtexec --exportTimes file?)")
+        raise UserError(f"{path} holds only warm-up queries (none started after {warmup_ms:g} ms)")
     out: dict = {"count": len(rows)}
     for key in ("computeMs", "latencyMs"):
         v = np.asarray([float(r[key]) for r in rows if key in r])
