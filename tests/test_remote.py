@@ -18,7 +18,6 @@ from pathlib import Path
 import pytest
 
 from edgerepvgg._compare import DEVICE_TIMER, HOST_TIMER, compare
-from edgerepvgg.cli import main
 from edgerepvgg.device.remote import Remote, RemoteError, parse_remote, run_remote
 from edgerepvgg.errors import UserError
 from edgerepvgg.profiles import Profile, load_profile
@@ -170,21 +169,19 @@ def test_a_runtime_missing_on_the_device_is_said_so(plain, data, tmp_path, devic
     assert row.status == "error" and "runtime missing on" in row.why and "pip install onnxruntime" in row.why
 
 
-def test_cli_compare_with_a_remote_profile_measures_there_and_fails_on_a_fault(tmp_path, device_python, capsys):
+def test_cli_compare_with_a_remote_profile_measures_there_and_fails_on_a_fault(tmp_path, device_python, cli, fmnist_ckpt):
     device = tmp_path / "device"
     good = tmp_path / "dev.toml"
     good.write_text(f'backend = "onnxruntime"\nprecision = "fp32"\nthreads = 1\nbatch = 2\n[remote]\n'
                     f'push = "mkdir -p {device} && rm -rf {device}/{{name}} && cp -r {{bundle}} {device}/{{name}}"\n'
                     f'run = "cd {device}/{{name}} && PYTHON={{python}} sh run.sh"\n'
                     f'pull = "cp -r {device}/{{name}}/result {{result}}"\npython = "{device_python}"\n')  # fmt: skip
-    rc = main(["compare", "--profiles", str(good), "--eval-limit", "40", "-o", str(tmp_path / "ok"), "-q"])
-    out = capsys.readouterr().out
-    assert rc == 0 and "dev@device" in out and "device, python" in out
+    rc, out, err = cli("-q", "compare", str(fmnist_ckpt), "--profiles", str(good), "--eval-limit", "20", "-o", str(tmp_path / "ok"))
+    assert rc == 0 and "dev@device" in out and "device, python" in out, err
     bad = tmp_path / "bad.toml"
     bad.write_text(good.read_text().replace("sh run.sh", "exit 9"))
-    rc = main(["compare", "--profiles", str(bad), "--eval-limit", "40", "-o", str(tmp_path / "bad"), "-q"])
-    captured = capsys.readouterr()
-    assert rc == 1 and "failed on" in captured.out + captured.err and "Traceback" not in captured.err
+    rc, out, err = cli("-q", "compare", str(fmnist_ckpt), "--profiles", str(bad), "--eval-limit", "20", "-o", str(tmp_path / "bad"))
+    assert rc == 1 and "failed on" in out + err and "Traceback" not in err
 
 
 # --- a real OpenSSH server on 127.0.0.1 ---------------------------------------------------------
