@@ -33,7 +33,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from edgerepvgg.checkpoints import ModelMeta, load_state, meta_for, read_checkpoint, save_checkpoint
+from edgerepvgg.checkpoints import ModelMeta, meta_for, read_checkpoint, save_checkpoint
+from edgerepvgg.checkpoints import load_state as load_weights
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
@@ -404,7 +405,7 @@ def init_from_checkpoint(model: RepVGG, ref: str | Path) -> dict:
             if key.startswith("stage0.") and value.ndim == 4 and value.shape[1] == meta.in_chans:
                 start[key] = rule(value.float())
                 adapted.append(key)
-    load_state(model, start, path)  # missing/unexpected keys, shapes, NaN: one line each
+    load_weights(model, start, path)  # missing/unexpected keys, shapes, NaN: one line each
     counted = [k for k in own if not k.endswith("num_batches_tracked")]
     kept = [k for k in counted if k not in new and k not in adapted]
     record = {"source": str(path), "layout": meta.extra.get("source_layout", "edgerepvgg"), "variant": meta.variant,
