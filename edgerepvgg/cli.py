@@ -123,11 +123,11 @@ def _eval_args(s: argparse.ArgumentParser, limit: int | None, what: str) -> None
                    help=f"class-balanced subset of the evaluation set (default: {limit or 'all of it'})")  # fmt: skip
 
 
-def _device_args(s: argparse.ArgumentParser, what: str = "PyTorch computes", amp: bool = False) -> None:
+def _device_args(s: argparse.ArgumentParser, what: str, amp: bool = False, torchrun: bool = False) -> None:
     """--device (and for training --amp): where the PyTorch work of a command runs."""
     g = s.add_argument_group("device")
-    g.add_argument("--device", metavar="DEV", help=f"where {what}: cpu, cuda, cuda:N or mps (default cpu; under torchrun, "
-                   "each process's GPU where CUDA is available)")  # fmt: skip
+    note = "; under torchrun, each process's GPU where CUDA is available" if torchrun else ""
+    g.add_argument("--device", metavar="DEV", help=f"where {what}: cpu, cuda, cuda:N or mps (default cpu{note})")
     if amp:
         g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
                        help="mixed precision: autocast the training forward pass to bf16 or fp16 (default off)")  # fmt: skip
@@ -447,7 +447,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--resize", type=_whole(8), help="shorter side before center crop (default size/0.875)")
     s.add_argument("--in-chans", type=int, default=3, choices=[1, 3], help="for image folders")
     _recipe_args(s, TrainConfig())
-    _device_args(s, "training runs", amp=True)
+    _device_args(s, "training runs", amp=True, torchrun=True)
     _output(s, "runs/train", "output folder: last.pt every epoch, model.safetensors at the end (default runs/train)")
 
     s = command("qat", cmd_qat, "quantization-aware fine-tuning of the fused net -> checkpoint + QuantSpec (torchrun-ready)")
@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--learn-scales", action="store_true", help="learn activation and weight scales (LSQ)")
     s.add_argument("--distill-alpha", type=_number(0, 1), default=QATConfig().distill_alpha, help="weight of distillation from the FP32 net, in [0, 1]")
     s.add_argument("--temperature", type=_number(0, lo_open=True), default=QATConfig().temperature, help="distillation temperature")
-    _device_args(s, "fine-tuning runs (float32: fake quantization is never autocast)")
+    _device_args(s, "fine-tuning runs, in float32", torchrun=True)
     _output(s, "runs/qat", "output folder: last.pt every epoch, model.safetensors + quant_spec.json at the end (default runs/qat)")
 
     s = command("export", cmd_export, "compile for a target (FP32 or INT8), check accuracy per target, time it; artifact + report.json")
@@ -472,7 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(s, None, "the accuracy check; without labels, agreement only on the calibration images")
     s.add_argument("--no-eval", action="store_true", help="skip the accuracy check")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
-    _device_args(s, "the PyTorch references (calibration, FP32 and emulation logits) run")
+    _device_args(s, "the PyTorch work runs (calibration, FP32 and emulation logits)")
     s.add_argument("--bundle", action="store_true", help="also write OUTPUT/bundle: the artifact, the evaluation inputs and "
                    "a torch-free runner to measure on the device ('python3 runner.py .' there)")  # fmt: skip
     s.add_argument("--threads", type=POSITIVE, help="runtime threads (default: the runtime's own choice)")
@@ -492,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(s, None, "every row; without labels, agreement only on the calibration images")
     s.add_argument("--threads", type=POSITIVE, help="threads where a profile does not set them")
     s.add_argument("--strict", action="store_true", help="a gate that could not be checked fails (exit 1)")
-    _device_args(s, "the PyTorch references (calibration, FP32 and emulation logits) run; their latency stays on the CPU")
+    _device_args(s, "the PyTorch work runs (calibration, FP32 and emulation logits; the PyTorch rows are timed on the CPU)")
     s.add_argument("--bundles", action="store_true", help="also write a device bundle per target (OUTPUT/PROFILE/bundle)")
     s.add_argument("--results", nargs="+", metavar="DIR", help="device results (BUNDLE/result) to score beside the host rows; "
                    "alone (no --targets/--profiles), only they are compared")  # fmt: skip
