@@ -13,10 +13,11 @@ Not named ``device``: :mod:`edgerepvgg.device` is the on-device runner package.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Iterator
 
 import torch
 
@@ -112,13 +113,11 @@ def placed(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     first = next(iter(module.parameters()), None)
     if first is None or first.device == device:
         return module
-    import copy
-
     return copy.deepcopy(module).to(device)
 
 
 @contextlib.contextmanager
-def full_fp32(device: torch.device | None):
+def full_fp32(device: torch.device | None) -> Iterator[None]:
     """Float32 that is float32 on CUDA: no TF32 in cuDNN convolutions (on by default) or cuBLAS
     matmuls while reference logits or calibration statistics are computed; nothing elsewhere."""
     if device is None or device.type != "cuda":
@@ -130,17 +129,6 @@ def full_fp32(device: torch.device | None):
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, mm
-
-
-def on_device(module: torch.nn.Module, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``module`` as a function of CPU batches: each batch goes to ``device``, the output comes
-    back to the CPU (what :func:`edgerepvgg.evaluate.predict` takes). ``module`` must already be
-    on ``device``."""
-
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return module(x.to(device, non_blocking=True)).cpu()
-
-    return run
 
 
 # ---------------------------------------------------------------------------------------------
