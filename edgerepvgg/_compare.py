@@ -32,6 +32,7 @@ from edgerepvgg.quant.calibrate import CalibrationConfig
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import QuantSpec, constraints_for, load_spec, model_hash, require_spec_for
 from edgerepvgg.targets import cannot_export, get_target
+from edgerepvgg.torch_device import placed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def compare(
     progress: bool = True,
     bundles: bool = False,
     results: list[str | Path] | None = None,
+    device: str | None = None,
 ) -> Comparison:
     """Run every profile on ``model`` and return the rows.
 
@@ -211,7 +213,9 @@ def compare(
     another scheme are then skipped, saying so. ``eval_set`` as in :func:`export`: labelled images
     by default, else agreement only on the calibration images. ``strict``: a gate that cannot be
     checked fails. ``bundles``: each export also writes a device bundle. ``results``: device result
-    folders (``BUNDLE/result``, or the bundle itself) scored like host rows, with the same gates."""
+    folders (``BUNDLE/result``, or the bundle itself) scored like host rows, with the same gates.
+    ``device``: where the PyTorch work runs (calibration, FP32 and emulation logits; the PyTorch
+    rows' latency is measured on the CPU whatever it is)."""
     names = [p for p in (profiles or []) if not isinstance(p, Profile)]
     chosen = [p for p in (profiles or []) if isinstance(p, Profile)]
     if names:
@@ -224,11 +228,12 @@ def compare(
         raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
     with claimed_output_dir(out_dir, "the comparison"):
         return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
-                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()])  # fmt: skip
+                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()], device)  # fmt: skip
 
 
 def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
-             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path]) -> Comparison:  # fmt: skip
+             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path],
+             device: str | None = None) -> Comparison:  # fmt: skip
     plain, loaded_train_model = resolve_model(model)
     train_model = train_model if train_model is not None else loaded_train_model
     if spec is not None:
@@ -257,7 +262,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
                             "compare it on profiles of that scheme, or calibrate")  # fmt: skip
             return spec
         if c.name not in specs:
-            specs[c.name], _ = quant_spec_for(plain, c, None, calib, calibration, cache=cache)
+            specs[c.name], _ = quant_spec_for(plain, c, None, calib, calibration, cache=cache, device=device)
         return specs[c.name]
 
     def refs_for(q: QuantSpec | None) -> References:
@@ -265,7 +270,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         key = q.sha256 if q is not None else None
         if key not in refs_by_spec:
             fp32 = refs_by_spec[None].fp32 if key is not None else None
-            refs_by_spec[key] = references(plain, q, data, fp32=fp32)
+            refs_by_spec[key] = references(plain, q, data, fp32=fp32, device=device)
         return refs_by_spec[key]
 
     fp32_refs = refs_for(None)  # first, so that every spec's references reuse its FP32 logits
@@ -289,7 +294,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
             continue
         remote = profile.remote
         options = ExportOptions(threads=profile.threads or threads, latency=profile.runs_on_this_arch(), bundle=bundles,
-                                on_device=remote is not None).with_profile(profile)  # fmt: skip
+                                on_device=remote is not None, device=device).with_profile(profile)  # fmt: skip
         target = get_target(profile.backend, **options.target_settings(profile.backend))
         here = profile.runs_on_this_arch()
         arch_why = "" if here else f"latency not measured: the profile is for {profile.arch}, this machine is {platform.machine()}"
@@ -322,7 +327,8 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
     ref_rows = []
     if train_model is not None:
         train_model = train_model.eval()
-        logits = predict(train_model, data)
+        dev = resolve_device(device)
+        logits = predict(placed(train_model, dev), data, device=dev)
         ref_rows.append(_torch_row("pytorch-train-time", "this CPU (PyTorch)", "fp32", train_model, plain, fp32_refs, logits,
                                    16, True, "the multi-branch model before fusion"))  # fmt: skip
     ref_rows.append(_torch_row("pytorch-fused", "this CPU (PyTorch)", "fp32", plain, plain, fp32_refs, fp32_refs.fp32,

@@ -34,6 +34,7 @@ from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.spec import Constraints, QuantSpec, constraints_for, load_spec, require_spec_for
 from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compile_with_batch, get_target, require_exportable
+from edgerepvgg.torch_device import emulation_device, placed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class ExportOptions:
     tensorrt_version: str | None = None  # the device's TensorRT: the Q/DQ weight layout and build flags
     bundle: bool = False  # also write out_dir/bundle: the artifact + inputs + torch-free runner for the device
     on_device: bool = False  # compile and bundle only: the device runs, checks and times it (a remote profile)
+    device: str | None = None  # where the PyTorch work runs (calibration, FP32 and emulation logits): cpu, cuda[:N], mps
 
     def __post_init__(self) -> None:
         for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
@@ -141,11 +143,11 @@ def calibration_set(plain: PlainNet, images: Images) -> TensorDataset:
 def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantSpec | str | Path | None = None, images: Images = None,
                    calibration: CalibrationConfig | str | None = None, weight_bits: int | None = None,
                    cache: bool | None = None, progress: bool = False,
-                   cpu_flags: tuple[str, ...] | None = None) -> tuple[QuantSpec, str]:  # fmt: skip
+                   cpu_flags: tuple[str, ...] | None = None, device: str | None = None) -> tuple[QuantSpec, str]:  # fmt: skip
     """The QuantSpec an INT8 build uses and where it came from: ``spec`` (an object or a JSON
     file, checked against the model), or a calibration on ``images`` for the ``constraints``
     scheme (a Constraints, or a name resolved for the device's ``cpu_flags`` (None: this host), whose
-    weight width ``weight_bits`` overrides)."""
+    weight width ``weight_bits`` overrides), its statistics pass on ``device``."""
     if spec is not None:
         if images is not None:
             raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
@@ -157,7 +159,7 @@ def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantS
     scheme = constraints if isinstance(constraints, Constraints) else constraints_for(constraints, weight_bits=weight_bits,
                                                                                         cpu_flags=cpu_flags)  # fmt: skip
     config = CalibrationConfig.of(calibration or CalibrationConfig())
-    spec = calibrate(plain, data, scheme, config, progress=progress, cache=False if cache is False else None)
+    spec = calibrate(plain, data, scheme, config, progress=progress, cache=False if cache is False else None, device=device)
     skipped = f", {len(data.skipped)} unreadable files skipped" if data.skipped else ""
     return spec, f"calibrated for {scheme.name} on {len(data)} images of {data.source} ({config.method}{skipped})"
 
@@ -196,15 +198,19 @@ class References:
 
 
 def references(plain: PlainNet, spec: QuantSpec | None, eval_set: TensorDataset, batch_size: int = 256,
-               fp32: torch.Tensor | None = None, float_layers: str = "fp32") -> References:  # fmt: skip
+               fp32: torch.Tensor | None = None, float_layers: str = "fp32", device: str | None = None) -> References:  # fmt: skip
     """FP32 PyTorch logits (``fp32`` if already computed on ``eval_set``) and, with a spec, the
     INT8 emulation's logits on ``eval_set`` (the spec's float layers as the target runs them:
-    ``float_layers``, fp32 or fp16)."""
+    ``float_layers``, fp32 or fp16), computed on ``device`` (default the CPU)."""
     if len(eval_set) == 0:
         raise UserError(f"the evaluation set {eval_set.source} is empty; pass a folder with images")
     plain = plain.eval()
-    fp32 = predict(plain, eval_set, batch_size) if fp32 is None else fp32
-    emu = predict(IntegerNet(plain, spec, float_layers=float_layers), eval_set, batch_size) if spec is not None else None
+    dev = resolve_device(device)
+    fp32 = predict(placed(plain, dev), eval_set, batch_size, dev) if fp32 is None else fp32
+    emu = None
+    if spec is not None:
+        emu_dev = emulation_device(dev)
+        emu = predict(IntegerNet(placed(plain, emu_dev), spec, float_layers=float_layers), eval_set, batch_size, emu_dev)
     return References(eval_set.labels if eval_set.labelled else None, fp32, emu, eval_set.source)
 
 
@@ -378,7 +384,7 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     origin = ""
     if precision == "int8":
         spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
-                                      options.weight_bits, cache, progress, options.cpu_flags)  # fmt: skip
+                                      options.weight_bits, cache, progress, options.cpu_flags, options.device)  # fmt: skip
     data = default_evaluation(plain, eval_set, images, options.eval_limit)
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     notes = list(artifact.info.get("notes", ()))
@@ -402,8 +408,8 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     else:
         float_layers = artifact.info.get("float_layers", "fp32")  # how the target runs a spec's float layers
         if spec is not None and float_layers != "fp32" and any(layer.precision == "float" for layer in spec.layers):
-            refs = references(plain, spec, data, fp32=refs.fp32 if refs else None, float_layers=float_layers)
-        refs = refs or references(plain, spec, data)
+            refs = references(plain, spec, data, fp32=refs.fp32 if refs else None, float_layers=float_layers, device=options.device)
+        refs = refs or references(plain, spec, data, device=options.device)
         log.info("evaluating %s %s on %d images of %s", target.name, precision, len(data), data.source)
         accuracy = score(predict(runner, data), refs)
         if not accuracy.labelled:

@@ -306,9 +306,10 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False)
 
 
-def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -> tuple[RepVGG, ModelMeta]:
-    """Load any supported checkpoint (default: the bundled model) as a RepVGG in eval mode,
-    returning it with its metadata. ``variant`` overrides shape-based detection."""
+def read_checkpoint(ref: str | Path | None = None) -> tuple[dict[str, torch.Tensor], ModelMeta, Path]:
+    """The tensors of any supported checkpoint (default: the bundled model) renamed to the
+    official layout, its metadata (read off the shapes for a foreign checkpoint, whose
+    ``extra["source_layout"]`` names its layout) and its path; no model is built."""
     path = resolve_checkpoint(ref)
     tensors, meta = _read_tensors(path)
     if meta is None:
@@ -316,6 +317,13 @@ def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -
         meta = infer_meta(tensors)
         meta = replace(meta, extra={"source_layout": layout, "source": str(path)})
         log.info("read %s as a %s-layout %s RepVGG-%s", path, layout, "fused" if meta.fused else "train-time", meta.variant)
+    return tensors, meta, path
+
+
+def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -> tuple[RepVGG, ModelMeta]:
+    """Load any supported checkpoint (default: the bundled model) as a RepVGG in eval mode,
+    returning it with its metadata. ``variant`` overrides shape-based detection."""
+    tensors, meta, path = read_checkpoint(ref)
     if variant is not None:
         meta = replace(meta, variant=resolve_variant(variant).name)
     model = meta.build()

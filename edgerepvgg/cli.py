@@ -123,6 +123,16 @@ def _eval_args(s: argparse.ArgumentParser, limit: int | None, what: str) -> None
                    help=f"class-balanced subset of the evaluation set (default: {limit or 'all of it'})")  # fmt: skip
 
 
+def _device_args(s: argparse.ArgumentParser, what: str, amp: bool = False, torchrun: bool = False) -> None:
+    """--device (and for training --amp): where the PyTorch work of a command runs."""
+    g = s.add_argument_group("device")
+    note = "; under torchrun, each process's GPU where CUDA is available" if torchrun else ""
+    g.add_argument("--device", metavar="DEV", help=f"where {what}: cpu, cuda, cuda:N or mps (default cpu{note})")
+    if amp:
+        g.add_argument("--amp", default="off", choices=["off", "bf16", "fp16"],
+                       help="mixed precision: autocast the training forward pass to bf16 or fp16 (default off)")  # fmt: skip
+
+
 def _recipe_args(s: argparse.ArgumentParser, defaults) -> None:
     """The training-loop flags, with defaults read from the recipe's config object."""
     g = s.add_argument_group("recipe")
@@ -217,7 +227,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     plain, _ = _plain(args)
     images = calibration_set(plain, args.images)
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
-    spec = calibrate(plain, images, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args))
+    spec = calibrate(plain, images, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args),
+                     device=args.device)  # fmt: skip
     if args.max_drop is not None:
         eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
         spec, trace = keep_sensitive_layers(plain, spec, eval_set, args.max_drop, progress=not args.quiet)
@@ -251,7 +262,8 @@ def _analyze(args: argparse.Namespace) -> int:
     images = calibration_set(plain, args.images)
     eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
-    result = analyze(plain, images, eval_set, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args))
+    result = analyze(plain, images, eval_set, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args),
+                     device=args.device)  # fmt: skip
     json_path, png_path = write(result, args.output)
     print(f"{plain.name} for {scheme_text(c)}: statistics from "
           f"{len(images)} images of {images.source}, accuracy on {len(eval_set)} images of {eval_set.source}")  # fmt: skip
@@ -269,13 +281,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from edgerepvgg.data import labelled_sets, training_spec
-    from edgerepvgg.train import MODEL_FILE, TrainConfig, train
+    from edgerepvgg.train import MODEL_FILE, TrainConfig, init_variant, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    variant, block = init_variant(args.init) if args.init and None in (args.model, args.block) else ("A0", "repvgg")
+    args.model, args.block = args.model or variant, args.block or block
     config = _recipe(args, TrainConfig)
     train_set, eval_set = labelled_sets(args.data, training_spec(args.data, args.in_chans, args.size, args.resize))
-    _, meta = train(config, train_set, eval_set, args.output, resume=args.resume, progress=not args.quiet)
+    _, meta = train(config, train_set, eval_set, args.output, resume=args.resume, progress=not args.quiet, device=args.device,
+                    init=args.init)  # fmt: skip
     if _main_rank():
         if "eval_top1" in meta.extra:
             print(f"top-1 {meta.extra['eval_top1']:.4f} on {meta.extra['eval_set']}")
@@ -302,7 +317,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     _, fine_spec, metrics = qat(plain, load_spec(args.spec) if args.spec else None, train_set, eval_set, config, args.output,
                                 images=calibration_set(plain, args.images) if args.images else None,
                                 constraints=args.constraints, weight_bits=args.weight_bits, calibration=_calibration(args),
-                                cache=_cache(args), resume=args.resume, progress=not args.quiet)  # fmt: skip
+                                cache=_cache(args), resume=args.resume, progress=not args.quiet, device=args.device)  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     if not _main_rank():
@@ -318,7 +333,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
                             fixed_batch=args.fixed_batch, constraints=args.constraints, weight_bits=args.weight_bits,
-                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle)  # fmt: skip
+                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle,
+                            device=args.device)  # fmt: skip
     resolve_target(args.target, options)  # an unknown target fails before the model is read
     plain, _ = _plain(args)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
@@ -338,7 +354,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(plain, names or None, args.output, args.images, args.eval_images, train_model=train_model,
                      calibration=_calibration(args), spec=args.spec, weight_bits=args.weight_bits, threads=args.threads,
                      eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet,
-                     bundles=args.bundles, results=args.results)  # fmt: skip
+                     bundles=args.bundles, results=args.results, device=args.device)  # fmt: skip
     header, body = table_rows(result)
     print(f"{plain.name} on {result.eval_images} images of {result.eval_source}")
     print(text_table(header, body))
@@ -406,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-drop", type=_number(0), metavar="PTS", help="accuracy gate: keep the most sensitive layers in float "
                    "until INT8 top-1 is at most PTS points below FP32 (mixed precision)")  # fmt: skip
     _eval_args(s, 1000, "--max-drop")
+    _device_args(s, "the statistics pass runs")
     _output(s, "quant_spec.json", "QuantSpec JSON to write (default quant_spec.json)")
 
     s = command("analyze", cmd_analyze, "why a model will or won't quantize: per-layer weights, activations, sensitivity; table + plot")
@@ -413,20 +430,24 @@ def build_parser() -> argparse.ArgumentParser:
     _calibration_args(s, constraints="tensorrt")
     _eval_args(s, 1000, "the sensitivities")
     s.add_argument("--batch-size", type=POSITIVE, default=256)
+    _device_args(s, "the statistics, FP32 and emulation passes run")
     _output(s, "analysis", "folder for analysis.json and analysis.png (default analysis)")
 
     from edgerepvgg.quant.qat import QATConfig
     from edgerepvgg.train import TrainConfig
 
-    s = command("train", cmd_train, "train a RepVGG/QARepVGG on Fashion-MNIST or an image folder (CPU)")
-    s.add_argument("--model", default="A0", help="variant (default A0)")
-    s.add_argument("--block", default="repvgg", choices=["repvgg", "qarepvgg"])
+    s = command("train", cmd_train, "train or fine-tune a RepVGG/QARepVGG on Fashion-MNIST or an image folder")
+    s.add_argument("--model", help="variant (default: the --init checkpoint's, else A0)")
+    s.add_argument("--block", choices=["repvgg", "qarepvgg"], help="block type (default: the --init checkpoint's, else repvgg)")
+    s.add_argument("--init", metavar="CKPT", help="start from this train-time checkpoint (ours, official, timm or MMPretrain "
+                   "layout): a new head when the class count differs, the stem's input channels adapted (3 -> 1: summed)")  # fmt: skip
     s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (Debian's package), a folder of its IDX files, "
                    "or a folder with train/ [val/] class subfolders")  # fmt: skip
     s.add_argument("--size", type=_whole(8), help="input side for image folders (default 224)")
     s.add_argument("--resize", type=_whole(8), help="shorter side before center crop (default size/0.875)")
     s.add_argument("--in-chans", type=int, default=3, choices=[1, 3], help="for image folders")
     _recipe_args(s, TrainConfig())
+    _device_args(s, "training runs", amp=True, torchrun=True)
     _output(s, "runs/train", "output folder: last.pt every epoch, model.safetensors at the end (default runs/train)")
 
     s = command("qat", cmd_qat, "quantization-aware fine-tuning of the fused net -> checkpoint + QuantSpec (torchrun-ready)")
@@ -438,6 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--learn-scales", action="store_true", help="learn activation and weight scales (LSQ)")
     s.add_argument("--distill-alpha", type=_number(0, 1), default=QATConfig().distill_alpha, help="weight of distillation from the FP32 net, in [0, 1]")
     s.add_argument("--temperature", type=_number(0, lo_open=True), default=QATConfig().temperature, help="distillation temperature")
+    _device_args(s, "fine-tuning runs, in float32", torchrun=True)
     _output(s, "runs/qat", "output folder: last.pt every epoch, model.safetensors + quant_spec.json at the end (default runs/qat)")
 
     s = command("export", cmd_export, "compile for a target (FP32 or INT8), check accuracy per target, time it; artifact + report.json")
@@ -450,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(s, None, "the accuracy check; without labels, agreement only on the calibration images")
     s.add_argument("--no-eval", action="store_true", help="skip the accuracy check")
     s.add_argument("--no-latency", action="store_true", help="skip the latency measurement")
+    _device_args(s, "the PyTorch work runs (calibration, FP32 and emulation logits)")
     s.add_argument("--bundle", action="store_true", help="also write OUTPUT/bundle: the artifact, the evaluation inputs and "
                    "a torch-free runner to measure on the device ('python3 runner.py .' there)")  # fmt: skip
     s.add_argument("--threads", type=POSITIVE, help="runtime threads (default: the runtime's own choice)")
@@ -469,6 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_args(s, None, "every row; without labels, agreement only on the calibration images")
     s.add_argument("--threads", type=POSITIVE, help="threads where a profile does not set them")
     s.add_argument("--strict", action="store_true", help="a gate that could not be checked fails (exit 1)")
+    _device_args(s, "the PyTorch work runs (calibration, FP32 and emulation logits; the PyTorch rows are timed on the CPU)")
     s.add_argument("--bundles", action="store_true", help="also write a device bundle per target (OUTPUT/PROFILE/bundle)")
     s.add_argument("--results", nargs="+", metavar="DIR", help="device results (BUNDLE/result) to score beside the host rows; "
                    "alone (no --targets/--profiles), only they are compared")  # fmt: skip
@@ -486,6 +510,10 @@ def main(argv: list[str] | None = None) -> int:
     level = logging.DEBUG if verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     try:
+        if getattr(args, "device", None) is not None:  # a device that is not there fails before any work
+            from edgerepvgg.torch_device import resolve_device
+
+            resolve_device(args.device)
         return args.func(args)
     except UserError as exc:
         print(f"edgerepvgg {args.command}: error: {exc}", file=sys.stderr)

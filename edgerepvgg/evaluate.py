@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from edgerepvgg.data import TensorDataset
+from edgerepvgg.torch_device import full_fp32
 
 if TYPE_CHECKING:
     from edgerepvgg.targets.base import Runner
@@ -20,14 +21,17 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def predict(fn: torch.nn.Module | Runner | Callable[[torch.Tensor], torch.Tensor], dataset: TensorDataset,
-            batch_size: int = 256) -> torch.Tensor:  # fmt: skip
-    """Run ``fn`` over the data set; return all logits (N, K). A target runner (anything that
-    satisfies ``targets.Runner``: it declares ``emulated``) gets numpy batches, as its protocol
-    says; a module, or any other function, gets torch tensors."""
+            batch_size: int = 256, device: torch.device | None = None) -> torch.Tensor:  # fmt: skip
+    """Run ``fn`` over the data set; return all logits (N, K), on the CPU. A target runner
+    (anything that satisfies ``targets.Runner``: it declares ``emulated``) gets numpy batches, as
+    its protocol says; a module, or any other function, gets torch tensors, moved to ``device``
+    where one is given (``fn`` must already be there)."""
     from edgerepvgg.targets.base import Runner  # evaluate sits below targets (quant uses it)
 
     as_numpy = not isinstance(fn, torch.nn.Module) and isinstance(fn, Runner)
-    outs = [torch.as_tensor(fn(x.numpy() if as_numpy else x)).float() for x, _ in dataset.batches(batch_size)]
+    move = (lambda x: x) if device is None or as_numpy else (lambda x: x.to(device, non_blocking=True))  # noqa: E731
+    with full_fp32(device):
+        outs = [torch.as_tensor(fn(x.numpy() if as_numpy else move(x))).float().cpu() for x, _ in dataset.batches(batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)
 
 

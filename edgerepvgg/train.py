@@ -1,4 +1,4 @@
-"""A small, resumable CPU trainer: enough to produce the bundled models and to fine-tune.
+"""A small, resumable trainer: enough to produce the bundled models and to fine-tune.
 
 Deterministic by construction: the shuffling and augmentation of epoch ``e`` depend only on
 ``(seed, e)``, so a run resumed from the checkpoint of epoch ``e`` continues exactly as the
@@ -12,6 +12,11 @@ batch (``batch_size / world_size`` images); DistributedDataParallel averages the
 the run computes what one process with the same global batch computes, up to float summation
 order. Rank 0 alone reports and writes files. BatchNorm statistics stay per rank in ``train``
 (torchvision's reference default without ``--sync-bn``); QAT keeps them frozen.
+
+One process runs on the device it is given (``device=``, see :mod:`edgerepvgg.torch_device`;
+default the CPU); ``TrainConfig.amp`` runs the training forward pass under bf16 or fp16 autocast
+(fp16 with a loss scaler). ``train(init=CKPT)`` starts from a checkpoint's weights
+(:func:`init_from_checkpoint`).
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from typing import Protocol
 import torch
 from torch import nn
 
-from edgerepvgg.checkpoints import ModelMeta, meta_for, save_checkpoint
+from edgerepvgg.checkpoints import ModelMeta, meta_for, read_checkpoint, save_checkpoint
+from edgerepvgg.checkpoints import load_state as load_weights
 from edgerepvgg.data import TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.io import atomic_path
-from edgerepvgg.models import block_class, create_model
+from edgerepvgg.models import RepVGG, block_class, create_model
+from edgerepvgg.torch_device import autocast, check_amp, device_name, distributed_backend, grad_scaler, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +66,12 @@ class TrainConfig:
     hflip: bool = True
     erase_prob: float = 0.5
     seed: int = 0
+    amp: str = "off"  # autocast of the training forward pass: off, bf16 or fp16 (with a loss scaler)
 
     def __post_init__(self) -> None:
         validate_recipe(self)
         block_class(self.block)
+        check_amp(self.amp)
         if not 0.0 <= self.label_smoothing < 1.0:
             raise UserError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing!r}")
 
@@ -175,10 +184,10 @@ def load_state(path: Path, config: Recipe) -> dict:
 
 
 def resume_run(path: Path, config: Recipe, model: nn.Module, opt: torch.optim.Optimizer,
-               source: dict | None = None) -> tuple[int, list[dict]]:  # fmt: skip
-    """Continue a run from its state file: load ``model`` and ``opt`` (before any DDP wrapping,
-    so every rank loads the same file) and return (epochs done, history). The file must exist,
-    come from the same ``config`` and, where ``source`` is given, record that same source."""
+               source: dict | None = None, scaler: torch.amp.GradScaler | None = None) -> tuple[int, list[dict]]:  # fmt: skip
+    """Continue a run from its state file: load ``model``, ``opt`` and ``scaler`` (before any DDP
+    wrapping, so every rank loads the same file) and return (epochs done, history). The file must
+    exist, come from the same ``config`` and, where ``source`` is given, record that same source."""
     if not path.is_file():
         raise UserError(f"nothing to resume: {path} does not exist; run without --resume")
     state = load_state(path, config)
@@ -186,6 +195,8 @@ def resume_run(path: Path, config: Recipe, model: nn.Module, opt: torch.optim.Op
         raise UserError(f"{path} was written for another model or QuantSpec; use the same ones or another --out")
     model.load_state_dict(state["model"])
     opt.load_state_dict(state["optimizer"])
+    if scaler is not None and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     log.info("resumed from %s after epoch %d", path, state["epoch"])
     return state["epoch"], list(state["history"])
 
@@ -246,23 +257,23 @@ class Dist:
         return t.tolist()
 
 
-def init_distributed() -> Dist:
+def init_distributed(device: str | torch.device | None = None) -> Dist:
     """Join the process group ``torchrun`` describes in the environment (``WORLD_SIZE``,
     ``RANK``, ``LOCAL_RANK``, ``MASTER_ADDR``/``PORT``), or the one the caller already set up:
-    NCCL on CUDA machines, else Gloo on the CPU. Without either: a single process."""
+    NCCL on each process's GPU, Gloo on the CPU, as ``device`` says
+    (:func:`~edgerepvgg.torch_device.distributed_backend`; ``None``: NCCL on CUDA machines).
+    Without either: a single process on ``device`` (``None``: the CPU)."""
     import torch.distributed as dist
 
-    if not dist.is_available():
-        return Dist()
+    if not dist.is_available() or (not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) <= 1):
+        return Dist(device=resolve_device(device))
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return Dist()
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    device = torch.device("cpu")
+        dist.init_process_group(distributed_backend(device))
+    mine = torch.device("cpu")
     if dist.get_backend() == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
+        mine = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(mine)
+    return Dist(dist.get_rank(), dist.get_world_size(), mine)
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -285,11 +296,13 @@ def run_epochs(
     save: Callable[[int, list[dict]], None] | None = None,
     dist: Dist | None = None,
     progress: bool = True,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> list[dict]:
     """Epochs ``start .. config.epochs - 1``: each draws its permutation and augmentation from
     :func:`epoch_generator`, runs ``step(x, y) -> (loss, logits)`` on this rank's share of every
-    global batch with the learning rate of :func:`lr_at`, then (rank 0) ``evaluate()`` and
-    ``save(epoch_done, history)``. Returns the history (one record per epoch, all epochs)."""
+    global batch (moved to ``dist.device``) with the learning rate of :func:`lr_at`, then (rank 0)
+    ``evaluate()`` and ``save(epoch_done, history)``; ``scaler`` scales the loss (fp16 autocast).
+    Returns the history (one record per epoch, all epochs)."""
     from tqdm import tqdm
 
     dist = dist or Dist()
@@ -317,8 +330,13 @@ def run_epochs(
             x, y = spec.normalize(images).to(dist.device), train_set.labels[idx][mine].to(dist.device)
             loss, logits = step(x, y)
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            if scaler is None:
+                loss.backward()
+                opt.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(opt)
+                scaler.update()
             seen += len(y)
             correct += int((logits.argmax(1) == y).sum())
             loss_sum += float(loss.detach()) * len(y)
@@ -338,6 +356,69 @@ def run_epochs(
     return history
 
 
+# ---------------------------------------------------------------------------------------------
+# Starting from a checkpoint's weights (fine-tuning)
+
+CHANNELS_RULE = {  # how a stem conv's input channels are adapted: (from, to) -> (rule, in words)
+    (3, 1): (lambda w: w.sum(1, keepdim=True), "summed over the RGB channels"),
+    (1, 3): (lambda w: w.repeat(1, 3, 1, 1) / 3, "repeated over RGB and divided by 3"),
+}
+
+
+def init_variant(ref: str | Path) -> tuple[str, str]:
+    """(variant, block type) of the checkpoint ``ref``: what ``train --init`` builds when no
+    ``--model`` is given."""
+    _, meta, _ = read_checkpoint(ref)
+    return meta.variant, meta.block
+
+
+def init_from_checkpoint(model: RepVGG, ref: str | Path) -> dict:
+    """Load the train-time checkpoint ``ref`` (any layout :func:`~edgerepvgg.checkpoints.read_checkpoint`
+    reads) into ``model`` for fine-tuning, and return what happened (also logged).
+
+    Every tensor is kept as it is, except: the head (``linear.*``) stays ``model``'s own fresh one
+    when the class counts differ; the stem's convolutions are adapted when the input channels
+    differ (3 -> 1: summed over the channels, so a grey image gives the stem the response the RGB
+    model gives that image in grey; 1 -> 3: repeated and divided by 3). Another variant or block
+    type, or a fused checkpoint (its branches are gone), is a one-line ``UserError``."""
+    tensors, meta, path = read_checkpoint(ref)
+    want = f"{model.block_type} RepVGG-{model.config.name}"
+    if meta.fused:
+        raise UserError(f"--init {path} is a fused (deploy) checkpoint: its branches are folded into one conv and "
+                        f"cannot be trained as a multi-branch {want}; pass the train-time checkpoint")  # fmt: skip
+    if (meta.variant, meta.block) != (model.config.name, model.block_type):
+        raise UserError(f"--init {path} holds a {meta.block} RepVGG-{meta.variant}, this run trains a {want}; "
+                        f"pass --model {meta.variant} --block {meta.block} (only the head and the stem's input "
+                        "channels may differ)")  # fmt: skip
+    own = model.state_dict()
+    start = dict(tensors)
+    new: list[str] = []
+    adapted: list[str] = []
+    if meta.num_classes != model.num_classes:
+        for key in [k for k in own if k.startswith("linear.")]:
+            start[key] = own[key]
+            new.append(key)
+    how = ""
+    if meta.in_chans != model.in_chans:
+        rule, how = CHANNELS_RULE[(meta.in_chans, model.in_chans)]
+        for key, value in tensors.items():
+            if key.startswith("stage0.") and value.ndim == 4 and value.shape[1] == meta.in_chans:
+                start[key] = rule(value.float())
+                adapted.append(key)
+    load_weights(model, start, path)  # missing/unexpected keys, shapes, NaN: one line each
+    counted = [k for k in own if not k.endswith("num_batches_tracked")]
+    kept = [k for k in counted if k not in new and k not in adapted]
+    record = {"source": str(path), "layout": meta.extra.get("source_layout", "edgerepvgg"), "variant": meta.variant,
+              "num_classes": meta.num_classes, "in_chans": meta.in_chans, "kept": len(kept),
+              "adapted": adapted, "new": new, "channels": how}  # fmt: skip
+    log.info("init from %s (%s layout, RepVGG-%s, %d classes, %d channels): kept %d tensors%s%s", path, record["layout"],
+             meta.variant, meta.num_classes, meta.in_chans, len(kept),
+             f"; adapted {len(adapted)} ({', '.join(adapted)}: {meta.in_chans} -> {model.in_chans} input channels, {how})"
+             if adapted else "",
+             f"; new {len(new)} ({', '.join(new)}: {meta.num_classes} -> {model.num_classes} classes)" if new else "")  # fmt: skip
+    return record
+
+
 def train(
     config: TrainConfig,
     train_set: TensorDataset,
@@ -345,39 +426,55 @@ def train(
     out_dir: str | Path,
     resume: bool = False,
     progress: bool = True,
+    *,
+    device: str | torch.device | None = None,
+    init: str | Path | None = None,
 ) -> tuple[nn.Module, ModelMeta]:
     """Train ``config.model`` on ``train_set``; checkpoint to ``out_dir`` every epoch; return the
-    trained model (eval mode) and its metadata, also written to ``out_dir/model.safetensors``
-    (by rank 0 under ``torchrun``; see :func:`run_epochs`)."""
+    trained model (eval mode, on the CPU) and its metadata, also written to
+    ``out_dir/model.safetensors`` (by rank 0 under ``torchrun``; see :func:`run_epochs`).
+
+    ``device``: where one process trains (``cpu``, ``cuda``, ``cuda:N``, ``mps``; default the
+    CPU); under ``torchrun`` it picks NCCL (``cuda``) or Gloo (``cpu``). ``init``: a checkpoint
+    to start from (:func:`init_from_checkpoint`); ``resume`` then continues the run's own state."""
     out_dir = Path(out_dir)
     spec = train_set.spec
     num_classes = len(spec.class_names) or int(train_set.labels.max()) + 1
-    dist = init_distributed()
+    dist = init_distributed(device)
+    check_amp(config.amp, dist.device)
     dist.per_rank_batch(config.batch_size)
     torch.manual_seed(config.seed)
     model = create_model(config.model, num_classes=num_classes, in_chans=spec.channels, block=config.block)
+    started = init_from_checkpoint(model, init) if init is not None else None
+    if dist.main and dist.device.type != "cpu":
+        log.info("training on %s%s", device_name(dist.device), f" with {config.amp} autocast" if config.amp != "off" else "")
     model = model.to(dist.device, memory_format=torch.channels_last)
     opt = make_optimizer(model, config)
+    scaler = grad_scaler(dist.device, config.amp)
     state_path = out_dir / STATE_FILE
-    start, history = resume_run(state_path, config, model, opt) if resume else (0, [])
+    start, history = resume_run(state_path, config, model, opt, scaler=scaler) if resume else (0, [])
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = ddp(x.contiguous(memory_format=torch.channels_last))
-        return loss_fn(logits, y), logits
+        with autocast(dist.device, config.amp):
+            logits = ddp(x.contiguous(memory_format=torch.channels_last))
+        return loss_fn(logits.float(), y), logits
 
     def evaluate() -> dict:
         model.eval()
         return {"eval_top1": topk_accuracy(predict(lambda x: model(x.to(dist.device)).cpu(), eval_set), eval_set.labels)}
 
     def save(epoch: int, history: list[dict]) -> None:
-        save_state(state_path, model, opt, epoch, config, history)
+        extra = {"scaler": scaler.state_dict()} if scaler is not None else {}
+        save_state(state_path, model, opt, epoch, config, history, **extra)
 
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     ddp = dist.wrap(model)
     history = run_epochs(ddp, opt, config, train_set, step, start, history, evaluate if eval_set is not None else None,
-                         save, dist, progress)  # fmt: skip
+                         save, dist, progress, scaler)  # fmt: skip
     model = model.cpu().eval()
-    extra = {"train_config": asdict(config), "history": history, "train_set": train_set.source}
+    extra = {"train_config": asdict(config), "history": history, "train_set": train_set.source, "device": str(dist.device)}
+    if started is not None:
+        extra["init"] = started
     if eval_set is not None and history:
         extra.update(eval_top1=history[-1].get("eval_top1"), eval_set=eval_set.source)
     meta = meta_for(model, spec, **extra)

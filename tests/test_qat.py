@@ -351,7 +351,7 @@ def test_bad_inputs_are_user_errors(trained, tmp_path, monkeypatch):
         qat(plain, spec, TensorDataset(small.images, small.labels * 0 + 9, SPEC16, "bad"), None, config, tmp_path / "y", progress=False)
     with pytest.raises(UserError, match="distill-alpha"):
         QATConfig(distill_alpha=1.5)
-    monkeypatch.setattr(qat_module, "init_distributed", lambda: Dist(rank=0, world_size=2))
+    monkeypatch.setattr(qat_module, "init_distributed", lambda device=None: Dist(rank=0, world_size=2))
     with pytest.raises(UserError, match="divide evenly among the 2 processes"):
         qat(plain, spec, small, None, QATConfig(epochs=1, **{**FAST, "batch_size": 33}), tmp_path / "z", progress=False)
 

@@ -56,6 +56,7 @@ from edgerepvgg.quant.calibrate import NAIVE, CalibrationConfig, CalibrationStat
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.observers import quantile, weight_scales
 from edgerepvgg.quant.spec import Constraints, QuantSpec, Scheme, TensorQuant, resolve_constraints, with_float_layers
+from edgerepvgg.torch_device import emulation_device, placed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -234,21 +235,23 @@ def require_eval_set(eval_set: TensorDataset) -> None:
 @torch.no_grad()
 def layer_sensitivity(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset, layers: list[str] | None = None,
                       fp32_logits: torch.Tensor | None = None, batch_size: int = 256,
-                      progress: bool = False, desc: str = "sensitivity") -> list[Sensitivity]:  # fmt: skip
+                      progress: bool = False, desc: str = "sensitivity",
+                      device: torch.device | None = None) -> list[Sensitivity]:  # fmt: skip
     """:class:`Sensitivity` of each of ``layers`` (default: :func:`quantizers`), each measured on
-    :func:`quantized_only`; layers the spec keeps in float are skipped."""
+    :func:`quantized_only`; layers the spec keeps in float are skipped. ``device``: where
+    ``plain`` is (the batches go there)."""
     from tqdm import tqdm
 
     require_eval_set(eval_set)
     plain = plain.eval()
     if fp32_logits is None:
-        fp32_logits = predict(plain, eval_set, batch_size)
+        fp32_logits = predict(plain, eval_set, batch_size, device)
     fp32_top1 = topk_accuracy(fp32_logits, eval_set.labels)
     floats = {layer.name for layer in spec.layers if layer.precision == "float"}
     todo = [name for name in (layers if layers is not None else quantizers(spec)) if name not in floats]
     out = []
     for name in tqdm(todo, desc=desc, disable=not progress, leave=False):
-        logits = predict(quantized_only(plain, spec, {name}), eval_set, batch_size)
+        logits = predict(quantized_only(plain, spec, {name}), eval_set, batch_size, device)
         top1 = topk_accuracy(logits, eval_set.labels)
         out.append(Sensitivity(name, top1, 100.0 * (fp32_top1 - top1), sqnr_db(fp32_logits, logits)))
     return out
@@ -260,9 +263,10 @@ def rank(sensitivities: list[Sensitivity]) -> list[str]:
     return [s.layer for s in sorted(sensitivities, key=lambda s: (-s.drop, s.logit_sqnr))]
 
 
-def integer_top1(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset, batch_size: int = 256) -> float:
-    """Top-1 of the integer emulation of ``plain`` under ``spec``."""
-    return topk_accuracy(predict(IntegerNet(plain, spec), eval_set, batch_size), eval_set.labels)
+def integer_top1(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset, batch_size: int = 256,
+                 device: torch.device | None = None) -> float:  # fmt: skip
+    """Top-1 of the integer emulation of ``plain`` (on ``device``) under ``spec``."""
+    return topk_accuracy(predict(IntegerNet(plain, spec), eval_set, batch_size, device), eval_set.labels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,22 +424,28 @@ def analyze(
     batch_size: int = 256,
     progress: bool = False,
     cache: Path | None | bool = None,
+    device: str | torch.device | None = None,
 ) -> Analysis:
     """Weight, activation and sensitivity analysis of ``plain`` for ``constraints``: naive PTQ
     (per-tensor min/max weights, min/max activations) against ``config`` (or a method name).
     Statistics come from ``calib_set`` (:func:`~edgerepvgg.quant.calibrate.stats_for`: through the
     statistics cache unless ``cache=False``); accuracy from the labelled ``eval_set``. Runs the
     network ``2 * (layers + 2) + 3`` times over ``eval_set``: keep it to about a thousand images.
-    ``constraints`` is a :class:`Constraints` or a constraint-set name."""
+    ``constraints`` is a :class:`Constraints` or a constraint-set name. The statistics, FP32 and
+    emulation passes run on ``device`` (default the CPU; on MPS the float64 emulation stays on
+    the CPU)."""
     require_eval_set(eval_set)
     constraints = resolve_constraints(constraints)
     plain = plain.eval()
-    stats = stats_for(plain, calib_set, progress=progress, cache=cache)
+    dev = resolve_device(device)
+    emu_dev = emulation_device(dev)
+    emu_plain = placed(plain, emu_dev)
+    stats = stats_for(plain, calib_set, progress=progress, cache=cache, device=dev)
     config = CalibrationConfig.of(config)
     naive = make_spec(plain, stats, constraints, NAIVE)
     chosen = make_spec(plain, stats, constraints, config)
 
-    fp32_logits = predict(plain, eval_set, batch_size)
+    fp32_logits = predict(placed(plain, dev), eval_set, batch_size, dev)
     fp32_top1 = topk_accuracy(fp32_logits, eval_set.labels)
     names = quantizers(chosen)
     total = 2 * len(names)
@@ -445,7 +455,7 @@ def analyze(
     sens: dict[str, dict[str, Sensitivity]] = {"naive": {}, "chosen": {}}
     for which, spec in (("naive", naive), ("chosen", chosen)):
         for name in names:
-            (s,) = layer_sensitivity(plain, spec, eval_set, [name], fp32_logits, batch_size)
+            (s,) = layer_sensitivity(emu_plain, spec, eval_set, [name], fp32_logits, batch_size, device=emu_dev)
             sens[which][name] = s
             bar.update(1)
     bar.close()
@@ -467,8 +477,8 @@ def analyze(
                      **({"percentile": config.percentile} if config.method == "percentile" else {})},
         evaluation={"source": eval_set.source, "images": len(eval_set)},
         fp32_top1=fp32_top1,
-        naive_top1=integer_top1(plain, naive, eval_set, batch_size),
-        chosen_top1=integer_top1(plain, chosen, eval_set, batch_size),
+        naive_top1=integer_top1(emu_plain, naive, eval_set, batch_size, emu_dev),
+        chosen_top1=integer_top1(emu_plain, chosen, eval_set, batch_size, emu_dev),
         layers=rows, output=output, naive_spec=naive, spec=chosen,
     )  # fmt: skip
     result.findings = findings(result)

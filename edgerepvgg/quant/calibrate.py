@@ -24,6 +24,7 @@ from edgerepvgg.io import write_text_atomic
 from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant.observers import RANGE_METHODS, WEIGHT_METHODS, Histogram, activation_range, weight_scales
 from edgerepvgg.quant.spec import Constraints, LayerQuant, QuantSpec, TensorQuant, model_hash, qparams, resolve_constraints
+from edgerepvgg.torch_device import full_fp32, placed, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -103,22 +104,27 @@ def cache_dir() -> Path:
 
 
 @torch.no_grad()
-def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True) -> CalibrationStats:
-    """Run the FP32 PlainNet over the images once, histogramming every activation point."""
+def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
+                  device: str | torch.device | None = None) -> CalibrationStats:  # fmt: skip
+    """Run the FP32 PlainNet over the images once (on ``device``; default the CPU), histogramming
+    every activation point."""
     from tqdm import tqdm
 
     if len(dataset) == 0:
         raise UserError(f"no calibration images in {dataset.source}; pass --images DIR with a few hundred images")
     hists = {name: Histogram() for name in plain.activation_points()}
     plain = plain.eval()
+    dev = resolve_device(device)
+    net = placed(plain, dev)
     total = (len(dataset) + batch_size - 1) // batch_size
-    for x, _ in tqdm(dataset.batches(batch_size), total=total, desc="calibrating", disable=not progress, leave=False):
-        plain(x, observe=lambda name, t: hists[name].update(t))
+    with full_fp32(dev):
+        for x, _ in tqdm(dataset.batches(batch_size), total=total, desc="calibrating", disable=not progress, leave=False):
+            net(x.to(dev), observe=lambda name, t: hists[name].update(t))
     return CalibrationStats(model_hash(plain), fingerprint(dataset), len(dataset), dataset.source, hists)
 
 
 def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
-                 cache: Path | None = None) -> CalibrationStats:  # fmt: skip
+                 cache: Path | None = None, device: str | torch.device | None = None) -> CalibrationStats:  # fmt: skip
     """``collect_stats`` through an on-disk cache (``cache=None``: the user cache directory)."""
     path = (cache or cache_dir()) / f"{model_hash(plain)}-{fingerprint(dataset)}.json"
     if path.is_file():
@@ -128,7 +134,7 @@ def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, 
             return stats
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring damaged statistics cache %s (%s)", path, exc)
-    stats = collect_stats(plain, dataset, batch_size, progress)
+    stats = collect_stats(plain, dataset, batch_size, progress, device)
     try:
         write_text_atomic(path, stats.to_json())
     except OSError as exc:  # a read-only home must not stop calibration
@@ -137,13 +143,13 @@ def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, 
 
 
 def stats_for(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
-              cache: Path | None | bool = None) -> CalibrationStats:  # fmt: skip
+              cache: Path | None | bool = None, device: str | torch.device | None = None) -> CalibrationStats:  # fmt: skip
     """The activation statistics of ``plain`` over ``dataset``: through the on-disk cache
     (``cache=None``: the user cache directory; a Path: that folder), or collected afresh
-    (``cache=False``). The one place that decides, for calibration and analysis alike."""
+    (``cache=False``), on ``device``. The one place that decides, for calibration and analysis alike."""
     if cache is False:
-        return collect_stats(plain, dataset, batch_size, progress)
-    return cached_stats(plain, dataset, batch_size, progress, cache or None)
+        return collect_stats(plain, dataset, batch_size, progress, device)
+    return cached_stats(plain, dataset, batch_size, progress, cache or None, device)
 
 
 def input_range(input_spec: InputSpec) -> tuple[float, float]:
@@ -196,13 +202,15 @@ def calibrate(
     batch_size: int = 64,
     progress: bool = True,
     cache: Path | None | bool = None,
+    device: str | torch.device | None = None,
 ) -> QuantSpec:
     """Calibrate ``plain`` on ``dataset`` for ``constraints`` (a :class:`Constraints`, or a
     constraint-set name resolved by :func:`~edgerepvgg.quant.spec.constraints_for`) under
-    ``config`` (or a method name); ``cache=False`` disables the statistics cache."""
+    ``config`` (or a method name); ``cache=False`` disables the statistics cache; the statistics
+    pass runs on ``device`` (default the CPU)."""
     constraints = resolve_constraints(constraints)
     config = CalibrationConfig.of(config)
-    return make_spec(plain, stats_for(plain, dataset, batch_size, progress, cache), constraints, config)
+    return make_spec(plain, stats_for(plain, dataset, batch_size, progress, cache, device), constraints, config)
 
 
 def save_spec(spec: QuantSpec, path: str | Path) -> Path:

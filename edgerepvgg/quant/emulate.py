@@ -37,8 +37,8 @@ def round_mode(x: torch.Tensor, rounding: str) -> torch.Tensor:
     return torch.sign(x) * torch.floor(x.abs() + 0.5)
 
 
-def _param(values: tuple, dtype: torch.dtype, ndim: int, axis: int) -> torch.Tensor:
-    t = torch.tensor(values, dtype=dtype)
+def _param(values: tuple, dtype: torch.dtype, ndim: int, axis: int, device: torch.device | None = None) -> torch.Tensor:
+    t = torch.tensor(values, dtype=dtype, device=device)
     if len(values) == 1:
         return t.reshape(())
     shape = [1] * ndim
@@ -48,22 +48,22 @@ def _param(values: tuple, dtype: torch.dtype, ndim: int, axis: int) -> torch.Ten
 
 def quantize(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axis: int = 0) -> torch.Tensor:
     """Float -> integer values (kept in ``x``'s float dtype): ``clamp(round(x / s) + z)``."""
-    scale = _param(q.scale, x.dtype, x.ndim, axis)
-    zp = _param(q.zero_point, x.dtype, x.ndim, axis)
+    scale = _param(q.scale, x.dtype, x.ndim, axis, x.device)
+    zp = _param(q.zero_point, x.dtype, x.ndim, axis, x.device)
     return torch.clamp(round_mode(x / scale, rounding) + zp, q.scheme.qmin, q.scheme.qmax)
 
 
 def dequantize(xq: torch.Tensor, q: TensorQuant, axis: int = 0) -> torch.Tensor:
-    scale = _param(q.scale, xq.dtype, xq.ndim, axis)
-    zp = _param(q.zero_point, xq.dtype, xq.ndim, axis)
+    scale = _param(q.scale, xq.dtype, xq.ndim, axis, xq.device)
+    zp = _param(q.zero_point, xq.dtype, xq.ndim, axis, xq.device)
     return (xq - zp) * scale
 
 
 def fake_quant(x: torch.Tensor, q: TensorQuant, rounding: str = "half_even", axis: int = 0) -> torch.Tensor:
     """Quantize-dequantize with a straight-through gradient inside the clip range."""
     y = dequantize(quantize(x, q, rounding, axis), q, axis)
-    scale = _param(q.scale, x.dtype, x.ndim, axis)
-    zp = _param(q.zero_point, x.dtype, x.ndim, axis)
+    scale = _param(q.scale, x.dtype, x.ndim, axis, x.device)
+    zp = _param(q.zero_point, x.dtype, x.ndim, axis, x.device)
     lo, hi = (q.scheme.qmin - zp) * scale, (q.scheme.qmax - zp) * scale
     inside = (x >= lo) & (x <= hi)
     return torch.where(inside, x + (y - x).detach(), y.detach())
@@ -161,7 +161,7 @@ class IntegerNet(nn.Module):
         else:  # the same exact sums from fast float32 kernels (see float32_parts)
             x32 = (xq - q.zero_point[0]).float()
             acc = sum(apply(x32, w, None).double() * (16.0**k) for k, w in enumerate(parts))
-        s = q.scale[0] * torch.tensor(layer.weight.scale, dtype=torch.float64).reshape(shape)
+        s = q.scale[0] * torch.tensor(layer.weight.scale, dtype=torch.float64, device=acc.device).reshape(shape)
         if self.spec.constraints.int_bias:
             return (acc + round_mode(bias / s, "half_even")) * s
         return acc * s + bias

@@ -62,6 +62,7 @@ from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate, save_spec
 from edgerepvgg.quant.emulate import IntegerNet, round_mode
 from edgerepvgg.quant.observers import weight_scales
 from edgerepvgg.quant.spec import Constraints, QuantSpec, TensorQuant, model_hash, require_spec_for, resolve_constraints
+from edgerepvgg.torch_device import require_float64
 from edgerepvgg.train import (
     MODEL_FILE, STATE_FILE, init_distributed, make_optimizer, resume_run, run_epochs, save_state, validate_recipe,
 )  # fmt: skip
@@ -366,6 +367,7 @@ def qat(
     weight_bits: int | None = None,
     calibration: CalibrationConfig | str = "mse",
     cache: Path | None | bool = None,
+    device: str | torch.device | None = None,
 ) -> tuple[PlainNet, QuantSpec, dict]:
     """Fine-tune ``plain`` under ``spec`` on ``train_set``, distilling from ``plain`` itself.
 
@@ -379,9 +381,11 @@ def qat(
     ``out_dir/model.safetensors`` (a deploy-form RepVGG checkpoint of the fine-tuned PlainNet) and
     ``out_dir/quant_spec.json``. Returns that PlainNet, its spec and metrics: ``start`` (where
     the starting spec came from, in words), ``history``, and with ``eval_set`` on rank 0 those of
-    :func:`qat_metrics`."""
+    :func:`qat_metrics`. ``device``: where one process fine-tunes, in float32 (see
+    :func:`~edgerepvgg.train.init_distributed`; not MPS, which lacks the float64 of the rounding)."""
     out_dir, state_path = Path(out_dir), Path(out_dir) / STATE_FILE
-    dist = init_distributed()
+    dist = init_distributed(device)
+    require_float64(dist.device, "QAT")
     dist.per_rank_batch(config.batch_size)
     if spec is None:
         calib = starting_images(plain, train_set, images)
