@@ -21,7 +21,7 @@ import torch
 
 from edgerepvgg._fuse import fuse
 from edgerepvgg.checkpoints import load_model
-from edgerepvgg.data import TensorDataset, calibration_images, evaluation_set
+from edgerepvgg.data import DEFAULT_CALIB_LIMIT, TensorDataset, calibration_images, evaluation_set
 from edgerepvgg.device import write_bundle
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, predict, topk_accuracy
@@ -129,12 +129,14 @@ def resolve_model(model: PlainNet | str | Path | None, **variant) -> tuple[Plain
     return plain, None if meta.fused else net
 
 
-def calibration_set(plain: PlainNet, images: Images) -> TensorDataset:
+def calibration_set(plain: PlainNet, images: Images, limit: int | None = DEFAULT_CALIB_LIMIT,
+                    workers: int | None = None) -> TensorDataset:  # fmt: skip
     """Calibration images for ``plain``: a data set, a folder (preprocessed with the model's input
-    spec), or ``None`` for the bundled images, which only Fashion-MNIST models may use."""
+    spec; at most ``limit`` images, a seeded sample chosen before decoding; None: all), or ``None``
+    for the bundled images, which only Fashion-MNIST models may use."""
     if isinstance(images, TensorDataset):
         return images
-    return calibration_images(plain.input_spec, images)
+    return calibration_images(plain.input_spec, images, limit, workers=workers)
 
 
 def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantSpec | str | Path | None = None, images: Images = None,

@@ -104,6 +104,10 @@ def _calibration_args(s: argparse.ArgumentParser, spec: bool = False, scheme: bo
 
     g = s.add_argument_group("calibration")
     g.add_argument("--images", help="folder of calibration images (default: the bundled set, for Fashion-MNIST models)")
+    g.add_argument("--calib-limit", type=_whole(0), metavar="N", help="calibrate on N images at most, a seeded sample chosen "
+                   "before decoding, class-balanced in a labelled folder; 0: all (default 512)")  # fmt: skip
+    g.add_argument("--workers", type=_whole(0), metavar="N", help="image-decoding processes (default: up to 4 for large "
+                   "folders, none for small ones; 0: none)")  # fmt: skip
     if spec:
         g.add_argument("--spec", help="use this QuantSpec JSON (from 'calibrate' or 'qat') instead of calibrating")
     if scheme:
@@ -171,6 +175,18 @@ def _calibration(args: argparse.Namespace):
     return CalibrationConfig(args.method, args.weight_method, args.percentile)
 
 
+def _calib_set(args: argparse.Namespace, plain, needed: bool = True):
+    """The calibration images the flags name (None when the library's default applies and
+    ``needed`` is False: the command decides itself whether it calibrates)."""
+    from edgerepvgg._export import calibration_set
+    from edgerepvgg.data import DEFAULT_CALIB_LIMIT
+
+    if not needed and args.images is None and args.calib_limit is None:
+        return None
+    limit = DEFAULT_CALIB_LIMIT if args.calib_limit is None else args.calib_limit or None
+    return calibration_set(plain, args.images, limit, args.workers)
+
+
 def _cache(args: argparse.Namespace) -> bool | None:
     return False if args.no_cache else None
 
@@ -207,7 +223,6 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgerepvgg._export import calibration_set
     from edgerepvgg.data import evaluation_set
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.calibrate import calibrate, save_spec
@@ -215,11 +230,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgerepvgg.report import mixed_precision_text, spec_text
 
     plain, _ = _plain(args)
-    images = calibration_set(plain, args.images)
+    images = _calib_set(args, plain)
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
     spec = calibrate(plain, images, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args))
     if args.max_drop is not None:
-        eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
+        eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers)
         spec, trace = keep_sensitive_layers(plain, spec, eval_set, args.max_drop, progress=not args.quiet)
         record = spec.calibration["mixed_precision"]
         print(mixed_precision_text(record, trace, args.max_drop, eval_set))
@@ -240,7 +255,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from edgerepvgg._export import calibration_set
     from edgerepvgg.data import evaluation_set
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.analysis import analyze
@@ -248,8 +262,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from edgerepvgg.report import scheme_text
 
     plain, _ = _plain(args)
-    images = calibration_set(plain, args.images)
-    eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
+    images = _calib_set(args, plain)
+    eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers)
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
     result = analyze(plain, images, eval_set, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args))
     json_path, png_path = write(result, args.output)
@@ -286,7 +300,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_qat(args: argparse.Namespace) -> int:
     import torch
 
-    from edgerepvgg._export import calibration_set
     from edgerepvgg.data import default_training_data, labelled_sets
     from edgerepvgg.quant import load_spec
     from edgerepvgg.quant.qat import QATConfig, qat
@@ -300,7 +313,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     plain, _ = _plain(args)
     train_set, eval_set = labelled_sets(args.data or default_training_data(plain.input_spec), plain.input_spec)
     _, fine_spec, metrics = qat(plain, load_spec(args.spec) if args.spec else None, train_set, eval_set, config, args.output,
-                                images=calibration_set(plain, args.images) if args.images else None,
+                                images=_calib_set(args, plain, needed=False),
                                 constraints=args.constraints, weight_bits=args.weight_bits, calibration=_calibration(args),
                                 cache=_cache(args), resume=args.resume, progress=not args.quiet)  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -314,6 +327,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgerepvgg._export import REPORT_FILE, ExportOptions, export, resolve_target
+    from edgerepvgg.data import evaluation_set
     from edgerepvgg.report import export_text
 
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
@@ -321,8 +335,11 @@ def cmd_export(args: argparse.Namespace) -> int:
                             eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle)  # fmt: skip
     resolve_target(args.target, options)  # an unknown target fails before the model is read
     plain, _ = _plain(args)
+    eval_set = None
+    if args.eval_images and not args.no_eval:
+        eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
-                    False if args.no_eval else args.eval_images, images=args.images, calibration=_calibration(args),
+                    False if args.no_eval else eval_set, images=_calib_set(args, plain, needed=False), calibration=_calibration(args),
                     options=options, cache=_cache(args), progress=not args.quiet)  # fmt: skip
     print(export_text(report))
     print(f"wrote {report.out_dir / REPORT_FILE}")
@@ -331,11 +348,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from edgerepvgg._compare import compare
+    from edgerepvgg.data import evaluation_set
     from edgerepvgg.report import table_rows, text_table, write_comparison
 
     names = [n for item in (args.targets or []) for n in item.split(",") if n] + list(args.profiles or [])
     plain, train_model = _plain(args)
-    result = compare(plain, names or None, args.output, args.images, args.eval_images, train_model=train_model,
+    eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers) if args.eval_images else None
+    result = compare(plain, names or None, args.output, _calib_set(args, plain, needed=False), eval_set, train_model=train_model,
                      calibration=_calibration(args), spec=args.spec, weight_bits=args.weight_bits, threads=args.threads,
                      eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet,
                      bundles=args.bundles, results=args.results)  # fmt: skip
