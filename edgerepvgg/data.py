@@ -237,8 +237,8 @@ def _sample_note(index: np.ndarray, labels: np.ndarray, total: int, seed: int) -
         per_class = np.unique(chosen, return_counts=True)[1]
         if per_class.size == np.unique(labels).size and (per_class == per_class[0]).all():
             return f", {int(per_class[0])} per class (seed {seed})"
-        return f", {index.size} of {total} images, class-balanced (seed {seed})"
-    return f", {index.size} of {total} images, a random sample (seed {seed})"
+        return f", a class-balanced sample of {total} (seed {seed})"
+    return f", a random sample of {total} (seed {seed})"
 
 
 def stratified_subset(dataset: TensorDataset, per_class: int, seed: int = 0) -> TensorDataset:
@@ -435,7 +435,7 @@ def _reason(exc: Exception) -> str:
 
 def _read_files(paths: list[Path], labels: list[int], root: Path, spec: InputSpec, source: Callable[[int], str],
                 class_names: tuple[str, ...], limit: int | None, seed: int, workers: int | None,
-                preload_bytes: float) -> TensorDataset:  # fmt: skip
+                preload_bytes: float | None) -> TensorDataset:  # fmt: skip
     """The data set of ``paths`` (labels ``labels``, -1 where unknown): ``limit`` of them chosen
     first (:func:`balanced_indices` with ``seed``), then decoded into memory when their decoded
     pixels fit in ``preload_bytes``, else header-checked and streamed (:class:`ImageFiles`). Either
@@ -448,7 +448,7 @@ def _read_files(paths: list[Path], labels: list[int], root: Path, spec: InputSpe
         note = _sample_note(index, label_array, total, seed)
         paths, label_array = [paths[i] for i in index], label_array[index]
         log.info("%s: reading %d of its %d images%s", root, len(paths), total, note)
-    stream = len(paths) * spec.channels * spec.size * spec.size > preload_bytes
+    stream = len(paths) * spec.channels * spec.size * spec.size > (PRELOAD_BYTES if preload_bytes is None else preload_bytes)
     kept, tensors, skipped, reasons = [], [], [], []
     for items in _decoded(paths, None if stream else spec, 256 if stream else 64, _workers(workers, paths)):
         for i, tensor, reason in items:
@@ -522,7 +522,7 @@ def _assign_labels(
 
 
 def image_folder(root: str | Path, spec: InputSpec, class_names: Sequence[str] | None = None, *, limit: int | None = None,
-                 seed: int = 0, workers: int | None = None, preload_bytes: float = PRELOAD_BYTES) -> TensorDataset:  # fmt: skip
+                 seed: int = 0, workers: int | None = None, preload_bytes: float | None = None) -> TensorDataset:  # fmt: skip
     """A labelled image folder: ``root/<class>/**/<image>``, preprocessed with ``spec``.
 
     Without ``class_names`` (or with an empty one) the labels follow the sorted subfolder names
@@ -534,7 +534,8 @@ def image_folder(root: str | Path, spec: InputSpec, class_names: Sequence[str] |
 
     ``limit``: a class-balanced, seeded choice of that many files, made before any is decoded.
     ``workers``: decoding processes (None: :func:`default_workers`; 0: this process). A set whose
-    decoded pixels exceed ``preload_bytes`` is streamed (:class:`ImageFiles`), else held in memory.
+    decoded pixels exceed ``preload_bytes`` (None: ``PRELOAD_BYTES``) is streamed
+    (:class:`ImageFiles`), else held in memory.
     """
     root = Path(root)
     _check_dir(root)
@@ -563,7 +564,7 @@ def image_folder(root: str | Path, spec: InputSpec, class_names: Sequence[str] |
 
 
 def image_files(root: str | Path, spec: InputSpec, *, limit: int | None = None, seed: int = 0, workers: int | None = None,
-                preload_bytes: float = PRELOAD_BYTES) -> TensorDataset:  # fmt: skip
+                preload_bytes: float | None = None) -> TensorDataset:  # fmt: skip
     """Every image under ``root`` (recursively, sorted by path), unlabelled (labels are -1):
     e.g. calibration images from the deployment domain. ``limit`` (a seeded random choice of
     files, made before decoding), ``workers`` and ``preload_bytes`` as in :func:`image_folder`."""
@@ -586,7 +587,7 @@ def is_labelled_folder(root: str | Path) -> bool:
 
 
 def load_images(path: str | Path, spec: InputSpec, class_names: Sequence[str] | None = None, *, limit: int | None = None,
-                seed: int = 0, workers: int | None = None, preload_bytes: float = PRELOAD_BYTES) -> TensorDataset:  # fmt: skip
+                seed: int = 0, workers: int | None = None, preload_bytes: float | None = None) -> TensorDataset:  # fmt: skip
     """:func:`image_folder` if every image of ``path`` lives in a first-level subfolder, else
     :func:`image_files` (``class_names`` is then not used); the keywords as there."""
     options = {"limit": limit, "seed": seed, "workers": workers, "preload_bytes": preload_bytes}
