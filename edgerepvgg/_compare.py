@@ -21,7 +21,7 @@ from edgerepvgg._export import (
     NO_LABELS, SPEC_FILE, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
     quant_spec_for, references, resolve_model, score,
 )  # fmt: skip
-from edgerepvgg.data import TensorDataset
+from edgerepvgg.data import DEFAULT_CALIB_LIMIT, TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import claimed_output_dir
 from edgerepvgg.device import read_manifest, read_result
@@ -196,6 +196,8 @@ def compare(
     progress: bool = True,
     bundles: bool = False,
     results: list[str | Path] | None = None,
+    calib_limit: int | None = DEFAULT_CALIB_LIMIT,
+    workers: int | None = None,
 ) -> Comparison:
     """Run every profile on ``model`` and return the rows.
 
@@ -205,7 +207,9 @@ def compare(
     another scheme are then skipped, saying so. ``eval_set`` as in :func:`export`: labelled images
     by default, else agreement only on the calibration images. ``strict``: a gate that cannot be
     checked fails. ``bundles``: each export also writes a device bundle. ``results``: device result
-    folders (``BUNDLE/result``, or the bundle itself) scored like host rows, with the same gates."""
+    folders (``BUNDLE/result``, or the bundle itself) scored like host rows, with the same gates.
+    ``calib_limit``/``workers``: how many images a calibration folder gives (a seeded sample;
+    None: all) and how many processes decode images."""
     names = [p for p in (profiles or []) if not isinstance(p, Profile)]
     chosen = [p for p in (profiles or []) if isinstance(p, Profile)]
     if names:
@@ -218,11 +222,12 @@ def compare(
         raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
     with claimed_output_dir(out_dir, "the comparison"):
         return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
-                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()])  # fmt: skip
+                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()], calib_limit, workers)  # fmt: skip
 
 
 def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
-             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path]) -> Comparison:  # fmt: skip
+             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path], calib_limit=DEFAULT_CALIB_LIMIT,
+             workers=None) -> Comparison:  # fmt: skip
     plain, loaded_train_model = resolve_model(model)
     train_model = train_model if train_model is not None else loaded_train_model
     if spec is not None:
@@ -231,8 +236,8 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         if images is not None:
             raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
     int8 = any(p.precision == "int8" for p in chosen)
-    calib = calibration_set(plain, images) if images is not None or (int8 and spec is None) else None
-    data = default_evaluation(plain, eval_set, calib, eval_limit)
+    calib = calibration_set(plain, images, calib_limit, workers) if images is not None or (int8 and spec is None) else None
+    data = default_evaluation(plain, eval_set, calib, eval_limit, workers)
     if data is None:
         raise UserError("nothing to evaluate on: this model has no default test set; pass --eval-images DIR (labelled) "
                         "or --images DIR (agreement only)")  # fmt: skip

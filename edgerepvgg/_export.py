@@ -70,12 +70,14 @@ class ExportOptions:
     constraints: str | None = None
     weight_bits: int | None = None
     eval_limit: int | None = None
+    calib_limit: int | None = DEFAULT_CALIB_LIMIT  # calibration images from a folder, a seeded sample (None: all)
+    workers: int | None = None  # image-decoding processes (None: the data module's default)
     cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags: its integer scheme (None: this host's)
     tensorrt_version: str | None = None  # the device's TensorRT: the Q/DQ weight layout and build flags
     bundle: bool = False  # also write out_dir/bundle: the artifact + inputs + torch-free runner for the device
 
     def __post_init__(self) -> None:
-        for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
+        for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit", "calib_limit"):
             value = getattr(self, name)
             if value is None and name not in ("throughput_batch", "runs"):
                 continue
@@ -164,7 +166,7 @@ def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantS
 
 
 def default_evaluation(plain: PlainNet, eval_set: Images | bool, fallback: TensorDataset | None = None,
-                       limit: int | None = None) -> TensorDataset | None:  # fmt: skip
+                       limit: int | None = None, workers: int | None = None) -> TensorDataset | None:  # fmt: skip
     """The images an artifact is checked on: ``eval_set`` (a data set or a labelled folder); by
     default the Fashion-MNIST test set for Fashion-MNIST models, else ``fallback`` (the
     calibration images: agreement with FP32 and the emulation needs no labels); ``False``: none."""
@@ -173,7 +175,7 @@ def default_evaluation(plain: PlainNet, eval_set: Images | bool, fallback: Tenso
     if isinstance(eval_set, TensorDataset):
         return eval_set
     if eval_set is not None or is_fashion_mnist_spec(plain.input_spec):
-        return evaluation_set(plain.input_spec, eval_set, limit)
+        return evaluation_set(plain.input_spec, eval_set, limit, workers=workers)
     return fallback
 
 
@@ -375,12 +377,13 @@ def export(
 def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set, images, calibration,
             options: ExportOptions, refs: References | None, cache, progress: bool, profile_name: str | None) -> ExportReport:  # fmt: skip
     plain, _ = resolve_model(model)
-    images = calibration_set(plain, images) if images is not None else None  # read once: calibration and fallback
+    if images is not None or (precision == "int8" and spec is None):  # read once: calibration and fallback
+        images = calibration_set(plain, images, options.calib_limit, options.workers)
     origin = ""
     if precision == "int8":
         spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
                                       options.weight_bits, cache, progress, options.cpu_flags)  # fmt: skip
-    data = default_evaluation(plain, eval_set, images, options.eval_limit)
+    data = default_evaluation(plain, eval_set, images, options.eval_limit, options.workers)
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     runner = target.load(artifact, options.threads)
     if options.fixed_batch is not None:

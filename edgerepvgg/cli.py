@@ -175,16 +175,18 @@ def _calibration(args: argparse.Namespace):
     return CalibrationConfig(args.method, args.weight_method, args.percentile)
 
 
-def _calib_set(args: argparse.Namespace, plain, needed: bool = True):
-    """The calibration images the flags name (None when the library's default applies and
-    ``needed`` is False: the command decides itself whether it calibrates)."""
-    from edgerepvgg._export import calibration_set
+def _calib_limit(args: argparse.Namespace) -> int | None:
+    """--calib-limit: the library's default when not given, None (all images) for 0."""
     from edgerepvgg.data import DEFAULT_CALIB_LIMIT
 
-    if not needed and args.images is None and args.calib_limit is None:
-        return None
-    limit = DEFAULT_CALIB_LIMIT if args.calib_limit is None else args.calib_limit or None
-    return calibration_set(plain, args.images, limit, args.workers)
+    return DEFAULT_CALIB_LIMIT if args.calib_limit is None else args.calib_limit or None
+
+
+def _calib_set(args: argparse.Namespace, plain):
+    """The calibration images --images, --calib-limit and --workers name."""
+    from edgerepvgg._export import calibration_set
+
+    return calibration_set(plain, args.images, _calib_limit(args), args.workers)
 
 
 def _cache(args: argparse.Namespace) -> bool | None:
@@ -313,7 +315,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     plain, _ = _plain(args)
     train_set, eval_set = labelled_sets(args.data or default_training_data(plain.input_spec), plain.input_spec)
     _, fine_spec, metrics = qat(plain, load_spec(args.spec) if args.spec else None, train_set, eval_set, config, args.output,
-                                images=_calib_set(args, plain, needed=False),
+                                images=_calib_set(args, plain) if args.images else None,
                                 constraints=args.constraints, weight_bits=args.weight_bits, calibration=_calibration(args),
                                 cache=_cache(args), resume=args.resume, progress=not args.quiet)  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -327,19 +329,16 @@ def cmd_qat(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from edgerepvgg._export import REPORT_FILE, ExportOptions, export, resolve_target
-    from edgerepvgg.data import evaluation_set
     from edgerepvgg.report import export_text
 
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
                             fixed_batch=args.fixed_batch, constraints=args.constraints, weight_bits=args.weight_bits,
-                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle)  # fmt: skip
+                            eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle,
+                            calib_limit=_calib_limit(args), workers=args.workers)  # fmt: skip
     resolve_target(args.target, options)  # an unknown target fails before the model is read
     plain, _ = _plain(args)
-    eval_set = None
-    if args.eval_images and not args.no_eval:
-        eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
-                    False if args.no_eval else eval_set, images=_calib_set(args, plain, needed=False), calibration=_calibration(args),
+                    False if args.no_eval else args.eval_images, images=args.images, calibration=_calibration(args),
                     options=options, cache=_cache(args), progress=not args.quiet)  # fmt: skip
     print(export_text(report))
     print(f"wrote {report.out_dir / REPORT_FILE}")
@@ -348,16 +347,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from edgerepvgg._compare import compare
-    from edgerepvgg.data import evaluation_set
     from edgerepvgg.report import table_rows, text_table, write_comparison
 
     names = [n for item in (args.targets or []) for n in item.split(",") if n] + list(args.profiles or [])
     plain, train_model = _plain(args)
-    eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers) if args.eval_images else None
-    result = compare(plain, names or None, args.output, _calib_set(args, plain, needed=False), eval_set, train_model=train_model,
+    result = compare(plain, names or None, args.output, args.images, args.eval_images, train_model=train_model,
                      calibration=_calibration(args), spec=args.spec, weight_bits=args.weight_bits, threads=args.threads,
                      eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet,
-                     bundles=args.bundles, results=args.results)  # fmt: skip
+                     bundles=args.bundles, results=args.results, calib_limit=_calib_limit(args), workers=args.workers)  # fmt: skip
     header, body = table_rows(result)
     print(f"{plain.name} on {result.eval_images} images of {result.eval_source}")
     print(text_table(header, body))
