@@ -264,3 +264,21 @@ def test_workers_and_calib_limit_must_be_whole_numbers(tmp_path, cli, fmnist_ckp
     with pytest.raises(UserError, match="workers must be"):
         data.image_files(_flat(tmp_path / "w", 2), GRAY, workers=-1)
 
+
+
+def test_export_and_compare_calibrate_on_the_limited_sample(tmp_path, decodes):
+    from quant_helpers import tiny_plain
+
+    from edgerepvgg._compare import compare
+    from edgerepvgg._export import ExportOptions, export
+    from edgerepvgg.profiles import Profile
+
+    plain = tiny_plain()
+    root = _flat(tmp_path / "calib", 12)
+    report = export(plain, "onnxruntime", tmp_path / "out", "int8", images=root, calibration="minmax", cache=False,
+                    options=ExportOptions(latency=False, weight_bits=8, calib_limit=5, workers=0))  # fmt: skip
+    assert report.quant["calibration"]["images"] == 5 and "random sample of 12" in report.quant["origin"]
+    assert len(decodes) == 5  # calibration and the agreement check (no labels) share the 5 decoded images
+    result = compare(plain, [Profile("ort-int8", "onnxruntime", "int8", threads=1, weight_bits=8)], tmp_path / "cmp", root,
+                     calibration="minmax", cache=False, progress=False, calib_limit=3, workers=0)  # fmt: skip
+    assert result.eval_images == 3 and len(decodes) == 5 + 3
