@@ -318,17 +318,22 @@ class _Decode(torch.utils.data.Dataset):
             return i, None, _reason(exc)
 
 
-def _as_list(items: list) -> list:
-    return items
+def _collate(items: list) -> tuple[list[int], torch.Tensor | None, list[tuple[int, str]]]:
+    """A batch of :class:`_Decode` answers -> (positions decoded, their images stacked, the
+    failures as (position, reason)). Stacked where decoded: a worker hands over one shared tensor
+    per batch, not one (and one file descriptor) per image."""
+    tensors = [t for _, t, reason in items if reason is None and t is not None]
+    return ([i for i, _, reason in items if reason is None], torch.stack(tensors) if tensors else None,
+            [(i, reason) for i, _, reason in items if reason is not None])  # fmt: skip
 
 
-def _decoded(paths: Sequence[Path], spec: InputSpec | None, batch_size: int, workers: int) -> Iterator[list]:
-    """Lists of ``(i, tensor | None, reason | None)`` for ``paths`` in order, ``batch_size`` at a
-    time, decoded (``spec``) or only header-checked (``spec=None``) by ``workers`` processes
-    (0: in this process), each at most ``PREFETCH`` batches ahead of the reader."""
+def _decoded(paths: Sequence[Path], spec: InputSpec | None, batch_size: int, workers: int) -> Iterator[tuple]:
+    """:func:`_collate`'s batches for ``paths`` in order, ``batch_size`` files at a time,
+    decoded (``spec``) or only header-checked (``spec=None``) by ``workers`` processes (0: in
+    this process), each at most ``PREFETCH`` batches ahead of the reader."""
     extra = {"prefetch_factor": PREFETCH} if workers else {}
     loader = torch.utils.data.DataLoader(_Decode(paths, spec), batch_size=batch_size, num_workers=workers,
-                                         collate_fn=_as_list, **extra)  # fmt: skip
+                                         collate_fn=_collate, **extra)  # fmt: skip
     yield from loader
 
 
@@ -367,14 +372,12 @@ class ImageFiles(TensorDataset):
     __hash__ = None  # type: ignore[assignment]
 
     def _uint8_batches(self, batch_size: int) -> Iterator[tuple[torch.Tensor, slice]]:
-        workers = _workers(self.workers, self.paths)
-        for items in _decoded(self.paths, self.spec, batch_size, workers):
-            for i, _, reason in items:
-                if reason is not None:
-                    path = self.paths[i]
-                    raise UserError(f"{path} cannot be decoded ({reason}) although its header could be read; "
-                                    f"remove or replace the file and run again")  # fmt: skip
-            yield torch.stack([t for _, t, _ in items]), slice(items[0][0], items[-1][0] + 1)
+        for kept, x, failed in _decoded(self.paths, self.spec, batch_size, _workers(self.workers, self.paths)):
+            if failed:
+                i, reason = failed[0]
+                raise UserError(f"{self.paths[i]} cannot be decoded ({reason}) although its header could be read; "
+                                f"remove or replace the file and run again")  # fmt: skip
+            yield x, slice(kept[0], kept[-1] + 1)
 
     def batches(self, batch_size: int):
         """Normalized float batches in order, decoded as they are read (see the class)."""
@@ -451,13 +454,12 @@ def _read_files(paths: list[Path], labels: list[int], root: Path, spec: InputSpe
         paths, label_array = [paths[i] for i in index], label_array[index]
         log.info("%s: reading %d of its %d images%s", root, len(paths), total, note)
     stream = len(paths) * spec.channels * spec.size * spec.size > (PRELOAD_BYTES if preload_bytes is None else preload_bytes)
-    kept, tensors, skipped, reasons = [], [], [], []
-    for items in _decoded(paths, None if stream else spec, 256 if stream else 64, _workers(workers, paths)):
-        for i, tensor, reason in items:
-            if reason is None:
-                kept.append(i)
-                tensors.append(tensor)
-                continue
+    kept, batches, skipped, reasons = [], [], [], []
+    for decoded, x, failed in _decoded(paths, None if stream else spec, 256 if stream else 64, _workers(workers, paths)):
+        kept += decoded
+        if x is not None:
+            batches.append(x)
+        for i, reason in failed:
             log.warning("skipping %s: %s", paths[i], reason)
             skipped.append(str(paths[i]))
             reasons.append(f"{paths[i].relative_to(root).as_posix()} ({reason})")
@@ -475,7 +477,7 @@ def _read_files(paths: list[Path], labels: list[int], root: Path, spec: InputSpe
                  len(kept) * spec.channels * spec.size * spec.size / 1e6)  # fmt: skip
         return ImageFiles([paths[i] for i in kept], kept_labels, spec, source(len(kept)) + note, class_names, skipped,
                           root=root, workers=workers)  # fmt: skip
-    return TensorDataset(torch.stack(tensors), kept_labels, spec, source(len(kept)) + note, class_names, skipped)
+    return TensorDataset(torch.cat(batches), kept_labels, spec, source(len(kept)) + note, class_names, skipped)
 
 
 def _class_folders(root: Path) -> list[Path]:
