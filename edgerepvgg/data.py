@@ -14,7 +14,7 @@ anything is decoded. A set whose decoded images fit in ``PRELOAD_BYTES`` is deco
 worker processes, into a :class:`TensorDataset`; a larger one becomes an :class:`ImageFiles`,
 whose headers are checked up front (a file that is not an image is skipped as above) and whose
 images are decoded batch by batch, by worker processes, on every pass: at most
-``(workers * PREFETCH + 1) * batch_size`` decoded images exist at once. A file whose header
+``workers * PREFETCH + 2`` batches of decoded images exist at once. A file whose header
 passed but whose body cannot be decoded (truncated) stops such a pass with one line naming it.
 """
 
@@ -344,7 +344,7 @@ def _decoded(paths: Sequence[Path], spec: InputSpec | None, batch_size: int, wor
 class ImageFiles(TensorDataset):
     """Image files (already header-checked) read lazily: :meth:`batches` decodes them batch by
     batch in ``workers`` processes (0: in this process) on every pass, so memory stays bounded
-    (about ``(workers * PREFETCH + 1) * batch_size`` decoded images) whatever the number of
+    (about ``workers * PREFETCH + 2`` batches of decoded images) whatever the number of
     files. Labels, ``len()``, source and class names are known without decoding anything.
     ``images`` decodes them all into memory at once: for small sets and inspection only."""
 
