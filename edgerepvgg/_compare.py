@@ -21,7 +21,7 @@ from edgerepvgg._export import (
     BUNDLE_DIR, NO_LABELS, SPEC_FILE, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
     quant_spec_for, references, resolve_model, score,
 )  # fmt: skip
-from edgerepvgg.data import TensorDataset
+from edgerepvgg.data import DEFAULT_CALIB_LIMIT, TensorDataset
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import claimed_output_dir
 from edgerepvgg.device import read_manifest, read_result, run_remote
@@ -204,6 +204,8 @@ def compare(
     bundles: bool = False,
     results: list[str | Path] | None = None,
     device: str | None = None,
+    calib_limit: int | None = DEFAULT_CALIB_LIMIT,
+    workers: int | None = None,
 ) -> Comparison:
     """Run every profile on ``model`` and return the rows.
 
@@ -215,7 +217,9 @@ def compare(
     checked fails. ``bundles``: each export also writes a device bundle. ``results``: device result
     folders (``BUNDLE/result``, or the bundle itself) scored like host rows, with the same gates.
     ``device``: where the PyTorch work runs (calibration, FP32 and emulation logits; the PyTorch
-    rows' latency is measured on the CPU whatever it is)."""
+    rows' latency is measured on the CPU whatever it is).
+    ``calib_limit``/``workers``: how many images a calibration folder gives (a seeded sample;
+    None: all) and how many processes decode images."""
     names = [p for p in (profiles or []) if not isinstance(p, Profile)]
     chosen = [p for p in (profiles or []) if isinstance(p, Profile)]
     if names:
@@ -228,12 +232,13 @@ def compare(
         raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
     with claimed_output_dir(out_dir, "the comparison"):
         return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
-                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()], device)  # fmt: skip
+                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()], device, calib_limit,
+                        workers)  # fmt: skip
 
 
 def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
-             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path],
-             device: str | None = None) -> Comparison:  # fmt: skip
+             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path], device: str | None = None,
+             calib_limit=DEFAULT_CALIB_LIMIT, workers=None) -> Comparison:  # fmt: skip
     plain, loaded_train_model = resolve_model(model)
     train_model = train_model if train_model is not None else loaded_train_model
     if spec is not None:
@@ -242,8 +247,8 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         if images is not None:
             raise UserError("pass a QuantSpec or calibration images, not both (a spec already holds its calibration)")
     int8 = any(p.precision == "int8" for p in chosen)
-    calib = calibration_set(plain, images) if images is not None or (int8 and spec is None) else None
-    data = default_evaluation(plain, eval_set, calib, eval_limit)
+    calib = calibration_set(plain, images, calib_limit, workers) if images is not None or (int8 and spec is None) else None
+    data = default_evaluation(plain, eval_set, calib, eval_limit, workers)
     if data is None:
         raise UserError("nothing to evaluate on: this model has no default test set; pass --eval-images DIR (labelled) "
                         "or --images DIR (agreement only)")  # fmt: skip

@@ -21,7 +21,7 @@ import torch
 
 from edgerepvgg._fuse import fuse
 from edgerepvgg.checkpoints import load_model
-from edgerepvgg.data import TensorDataset, calibration_images, evaluation_set
+from edgerepvgg.data import DEFAULT_CALIB_LIMIT, TensorDataset, calibration_images, evaluation_set
 from edgerepvgg.device import write_bundle
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import Agreement, Latency, agreement, measure_latency, predict, topk_accuracy
@@ -71,6 +71,8 @@ class ExportOptions:
     constraints: str | None = None
     weight_bits: int | None = None
     eval_limit: int | None = None
+    calib_limit: int | None = DEFAULT_CALIB_LIMIT  # calibration images from a folder, a seeded sample (None: all)
+    workers: int | None = None  # image-decoding processes (None: the data module's default)
     cpu_flags: tuple[str, ...] | None = None  # the device CPU's ISA flags: its integer scheme (None: this host's)
     tensorrt_version: str | None = None  # the device's TensorRT: the Q/DQ weight layout and build flags
     bundle: bool = False  # also write out_dir/bundle: the artifact + inputs + torch-free runner for the device
@@ -78,7 +80,7 @@ class ExportOptions:
     device: str | None = None  # where the PyTorch work runs (calibration, FP32 and emulation logits): cpu, cuda[:N], mps
 
     def __post_init__(self) -> None:
-        for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit"):
+        for name in ("threads", "throughput_batch", "runs", "fixed_batch", "weight_bits", "eval_limit", "calib_limit"):
             value = getattr(self, name)
             if value is None and name not in ("throughput_batch", "runs"):
                 continue
@@ -132,12 +134,14 @@ def resolve_model(model: PlainNet | str | Path | None, **variant) -> tuple[Plain
     return plain, None if meta.fused else net
 
 
-def calibration_set(plain: PlainNet, images: Images) -> TensorDataset:
+def calibration_set(plain: PlainNet, images: Images, limit: int | None = DEFAULT_CALIB_LIMIT,
+                    workers: int | None = None) -> TensorDataset:  # fmt: skip
     """Calibration images for ``plain``: a data set, a folder (preprocessed with the model's input
-    spec), or ``None`` for the bundled images, which only Fashion-MNIST models may use."""
+    spec; at most ``limit`` images, a seeded sample chosen before decoding; None: all), or ``None``
+    for the bundled images, which only Fashion-MNIST models may use."""
     if isinstance(images, TensorDataset):
         return images
-    return calibration_images(plain.input_spec, images)
+    return calibration_images(plain.input_spec, images, limit, workers=workers)
 
 
 def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantSpec | str | Path | None = None, images: Images = None,
@@ -165,7 +169,7 @@ def quant_spec_for(plain: PlainNet, constraints: str | Constraints, spec: QuantS
 
 
 def default_evaluation(plain: PlainNet, eval_set: Images | bool, fallback: TensorDataset | None = None,
-                       limit: int | None = None) -> TensorDataset | None:  # fmt: skip
+                       limit: int | None = None, workers: int | None = None) -> TensorDataset | None:  # fmt: skip
     """The images an artifact is checked on: ``eval_set`` (a data set or a labelled folder); by
     default the Fashion-MNIST test set for Fashion-MNIST models, else ``fallback`` (the
     calibration images: agreement with FP32 and the emulation needs no labels); ``False``: none."""
@@ -174,7 +178,7 @@ def default_evaluation(plain: PlainNet, eval_set: Images | bool, fallback: Tenso
     if isinstance(eval_set, TensorDataset):
         return eval_set
     if eval_set is not None or is_fashion_mnist_spec(plain.input_spec):
-        return evaluation_set(plain.input_spec, eval_set, limit)
+        return evaluation_set(plain.input_spec, eval_set, limit, workers=workers)
     return fallback
 
 
@@ -380,12 +384,13 @@ def export(
 def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set, images, calibration,
             options: ExportOptions, refs: References | None, cache, progress: bool, profile_name: str | None) -> ExportReport:  # fmt: skip
     plain, _ = resolve_model(model)
-    images = calibration_set(plain, images) if images is not None else None  # read once: calibration and fallback
+    if images is not None or (precision == "int8" and spec is None):  # read once: calibration and fallback
+        images = calibration_set(plain, images, options.calib_limit, options.workers)
     origin = ""
     if precision == "int8":
         spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
                                       options.weight_bits, cache, progress, options.cpu_flags, options.device)  # fmt: skip
-    data = default_evaluation(plain, eval_set, images, options.eval_limit)
+    data = default_evaluation(plain, eval_set, images, options.eval_limit, options.workers)
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     notes = list(artifact.info.get("notes", ()))
     if options.on_device:

@@ -104,6 +104,10 @@ def _calibration_args(s: argparse.ArgumentParser, spec: bool = False, scheme: bo
 
     g = s.add_argument_group("calibration")
     g.add_argument("--images", help="folder of calibration images (default: the bundled set, for Fashion-MNIST models)")
+    g.add_argument("--calib-limit", type=_whole(0), metavar="N", help="calibrate on N images at most, a seeded sample chosen "
+                   "before decoding, class-balanced in a labelled folder; 0: all (default 512)")  # fmt: skip
+    g.add_argument("--workers", type=_whole(0), metavar="N", help="image-decoding processes (default: up to 4 for large "
+                   "folders, none for small ones; 0: none)")  # fmt: skip
     if spec:
         g.add_argument("--spec", help="use this QuantSpec JSON (from 'calibrate' or 'qat') instead of calibrating")
     if scheme:
@@ -181,6 +185,20 @@ def _calibration(args: argparse.Namespace):
     return CalibrationConfig(args.method, args.weight_method, args.percentile)
 
 
+def _calib_limit(args: argparse.Namespace) -> int | None:
+    """--calib-limit: the library's default when not given, None (all images) for 0."""
+    from edgerepvgg.data import DEFAULT_CALIB_LIMIT
+
+    return DEFAULT_CALIB_LIMIT if args.calib_limit is None else args.calib_limit or None
+
+
+def _calib_set(args: argparse.Namespace, plain):
+    """The calibration images --images, --calib-limit and --workers name."""
+    from edgerepvgg._export import calibration_set
+
+    return calibration_set(plain, args.images, _calib_limit(args), args.workers)
+
+
 def _cache(args: argparse.Namespace) -> bool | None:
     return False if args.no_cache else None
 
@@ -217,7 +235,6 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    from edgerepvgg._export import calibration_set
     from edgerepvgg.data import evaluation_set
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.calibrate import calibrate, save_spec
@@ -225,12 +242,12 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from edgerepvgg.report import mixed_precision_text, spec_text
 
     plain, _ = _plain(args)
-    images = calibration_set(plain, args.images)
+    images = _calib_set(args, plain)
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
     spec = calibrate(plain, images, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args),
                      device=args.device)  # fmt: skip
     if args.max_drop is not None:
-        eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
+        eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers)
         spec, trace = keep_sensitive_layers(plain, spec, eval_set, args.max_drop, progress=not args.quiet)
         record = spec.calibration["mixed_precision"]
         print(mixed_precision_text(record, trace, args.max_drop, eval_set))
@@ -251,7 +268,6 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from edgerepvgg._export import calibration_set
     from edgerepvgg.data import evaluation_set
     from edgerepvgg.quant import constraints_for
     from edgerepvgg.quant.analysis import analyze
@@ -259,8 +275,8 @@ def _analyze(args: argparse.Namespace) -> int:
     from edgerepvgg.report import scheme_text
 
     plain, _ = _plain(args)
-    images = calibration_set(plain, args.images)
-    eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit)
+    images = _calib_set(args, plain)
+    eval_set = evaluation_set(plain.input_spec, args.eval_images, args.eval_limit, workers=args.workers)
     c = constraints_for(args.constraints, weight_bits=args.weight_bits)
     result = analyze(plain, images, eval_set, c, _calibration(args), batch_size=args.batch_size, progress=not args.quiet, cache=_cache(args),
                      device=args.device)  # fmt: skip
@@ -301,7 +317,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_qat(args: argparse.Namespace) -> int:
     import torch
 
-    from edgerepvgg._export import calibration_set
     from edgerepvgg.data import default_training_data, labelled_sets
     from edgerepvgg.quant import load_spec
     from edgerepvgg.quant.qat import QATConfig, qat
@@ -315,7 +330,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
     plain, _ = _plain(args)
     train_set, eval_set = labelled_sets(args.data or default_training_data(plain.input_spec), plain.input_spec)
     _, fine_spec, metrics = qat(plain, load_spec(args.spec) if args.spec else None, train_set, eval_set, config, args.output,
-                                images=calibration_set(plain, args.images) if args.images else None,
+                                images=_calib_set(args, plain) if args.images else None,
                                 constraints=args.constraints, weight_bits=args.weight_bits, calibration=_calibration(args),
                                 cache=_cache(args), resume=args.resume, progress=not args.quiet, device=args.device)  # fmt: skip
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -334,7 +349,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     options = ExportOptions(threads=args.threads, latency=not args.no_latency, throughput_batch=args.throughput_batch,
                             fixed_batch=args.fixed_batch, constraints=args.constraints, weight_bits=args.weight_bits,
                             eval_limit=args.eval_limit, tensorrt_version=args.tensorrt_version, bundle=args.bundle,
-                            device=args.device)  # fmt: skip
+                            device=args.device, calib_limit=_calib_limit(args), workers=args.workers)  # fmt: skip
     resolve_target(args.target, options)  # an unknown target fails before the model is read
     plain, _ = _plain(args)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
@@ -354,7 +369,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
     result = compare(plain, names or None, args.output, args.images, args.eval_images, train_model=train_model,
                      calibration=_calibration(args), spec=args.spec, weight_bits=args.weight_bits, threads=args.threads,
                      eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet,
-                     bundles=args.bundles, results=args.results, device=args.device)  # fmt: skip
+                     bundles=args.bundles, results=args.results, device=args.device, calib_limit=_calib_limit(args),
+                     workers=args.workers)  # fmt: skip
     header, body = table_rows(result)
     print(f"{plain.name} on {result.eval_images} images of {result.eval_source}")
     print(text_table(header, body))
