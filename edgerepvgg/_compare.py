@@ -172,9 +172,9 @@ def _skip_reason(profile: Profile, plain: PlainNet) -> str:
         return f"{target.name} builds {', '.join(target.precisions)}, not {profile.precision}"
     if (blocked := cannot_export(target)) is not None:
         return blocked
-    size = plain.input_spec.size
-    if profile.input_size is not None and profile.input_size != size:
-        return f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {size}x{size}"
+    (h, w) = plain.input_spec.hw
+    if profile.input_size is not None and (profile.input_size, profile.input_size) != (h, w):
+        return f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {h}x{w}"
     return ""
 
 
