@@ -344,7 +344,8 @@ def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndar
     lat = {f"batch{b}": Latency(b, d.runs, d.warmup, d.p50_ms, d.p90_ms, d.mean_ms, d.min_ms) for b, d in result.latency.items()}
     report = ExportReport(result.backend, result.precision, {"size_bytes": sum((bundle / f).stat().st_size for f in manifest["files"]),
                           "info": {}}, score(torch.from_numpy(result.logits), refs_for(q)), lat,
-                          notes=(f"measured on the device {result.device_name}; timer: {result.timer}",))  # fmt: skip
+                          notes=(f"measured on the device {result.device_name}; timer: {result.timer}",),
+                          input_spec=manifest.get("input_spec", {}))  # fmt: skip
     row = _row(profile, report, q, n_convs)
     return replace(row, name=f"{name}@device", device=result.device_name), q
 

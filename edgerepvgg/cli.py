@@ -108,16 +108,6 @@ def _size(text: str):
     return size
 
 
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
 def _input_args(s: argparse.ArgumentParser) -> None:
     """The input spec's options: each replaces what the checkpoint (or timm's config.json beside
     it) carries; the log says where every value came from."""
@@ -127,7 +117,7 @@ def _input_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--size", type=_size, metavar="N|HxW", help="network input, e.g. 224 or 48x64 (height x width)")
     g.add_argument("--resize", type=_size, metavar="N|HxW", help="resize (aspect kept) to cover this before the center crop; "
                    "N: the shorter side (default: the checkpoint's resize/size ratio at --size)")  # fmt: skip
-    g.add_argument("--mean", type=_finite, nargs="+", metavar="M", help="per-channel mean of [0, 1] pixels (one per input channel)")
+    g.add_argument("--mean", type=_number(0, 1), nargs="+", metavar="M", help="per-channel mean of [0, 1] pixels, in [0, 1] (one per input channel)")
     g.add_argument("--std", type=_number(0, lo_open=True), nargs="+", metavar="S", help="per-channel std (one per input channel, each > 0)")
     g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter")
     g.add_argument("--class-names", metavar="FILE", help="class names, one per line in the head's order (as many as it has outputs)")

@@ -124,8 +124,9 @@ class InputSpec:
         return (self.channels, *self.hw)
 
     def to_dict(self) -> dict:
+        """JSON-ready: sizes as N or [height, width], sequences as lists."""
         d = asdict(self)
-        for key in ("size", "resize"):
+        for key in ("size", "resize", "mean", "std", "class_names"):
             d[key] = d[key] if isinstance(d[key], int) else list(d[key])
         return d
 

@@ -69,9 +69,10 @@ NAIVE = CalibrationConfig("minmax", "minmax", per_tensor_weights=True)  # per-te
 
 
 def fingerprint(dataset: TensorDataset) -> str:
-    """Hash of the preprocessed images: identical tensors, identical statistics."""
+    """Hash of the preprocessed images and their normalization: identical tensors, identical statistics."""
     h = hashlib.sha256(dataset.images.contiguous().numpy().tobytes())
     h.update(str(tuple(dataset.images.shape)).encode())
+    h.update(repr((dataset.spec.mean, dataset.spec.std)).encode())  # the same pixels normalized otherwise are other tensors
     return h.hexdigest()[:16]
 
 
@@ -184,7 +185,8 @@ def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints
         weight = TensorQuant(grid, tuple(float(s) for s in scales), (0,) * len(scales))
         layers.append(LayerQuant(name, act_quant(name), weight))
     output = act_quant("output") if constraints.int_output else None
-    calibration = {**config.record(), "images": stats.images, "source": stats.source, "fingerprint": stats.fingerprint}
+    calibration = {**config.record(), "images": stats.images, "source": stats.source, "fingerprint": stats.fingerprint,
+                   "input_spec": plain.input_spec.to_dict()}  # fmt: skip
     return QuantSpec(constraints, tuple(layers), act_quant("pool"), output, stats.model_hash, calibration)
 
 
