@@ -108,12 +108,12 @@ def _size(text: str):
     return size
 
 
-def _input_args(s: argparse.ArgumentParser) -> None:
+def _input_args(s: argparse.ArgumentParser, default: str = "the checkpoint's, else timm's config.json beside it, else ImageNet's") -> None:
     """The input spec's options: each replaces what the checkpoint (or timm's config.json beside
     it) carries; the log says where every value came from."""
     from edgerepvgg.inputs import INTERPOLATIONS
 
-    g = s.add_argument_group("input spec (default: the checkpoint's, else timm's config.json beside it, else ImageNet's)")
+    g = s.add_argument_group(f"input spec (default: {default})")
     g.add_argument("--size", type=_size, metavar="N|HxW", help="network input, e.g. 224 or 48x64 (height x width)")
     g.add_argument("--resize", type=_size, metavar="N|HxW", help="resize (aspect kept) to cover this before the center crop; "
                    "N: the shorter side (default: the checkpoint's resize/size ratio at --size)")  # fmt: skip
@@ -309,12 +309,15 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from edgerepvgg.data import labelled_sets, training_spec
+    from edgerepvgg.inputs import apply_overrides
     from edgerepvgg.train import MODEL_FILE, TrainConfig, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _recipe(args, TrainConfig)
-    train_set, eval_set = labelled_sets(args.data, training_spec(args.data, args.in_chans, args.size, args.resize))
+    square = [v if isinstance(v, int) else None for v in (args.size, args.resize)]
+    spec, _ = apply_overrides(training_spec(args.data, args.in_chans, *square), _inputs(args))
+    train_set, eval_set = labelled_sets(args.data, spec)
     _, meta = train(config, train_set, eval_set, args.output, resume=args.resume, progress=not args.quiet)
     if _main_rank():
         if "eval_top1" in meta.extra:
@@ -462,9 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--block", default="repvgg", choices=["repvgg", "qarepvgg"])
     s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (Debian's package), a folder of its IDX files, "
                    "or a folder with train/ [val/] class subfolders")  # fmt: skip
-    s.add_argument("--size", type=_whole(8), help="input side for image folders (default 224)")
-    s.add_argument("--resize", type=_whole(8), help="shorter side before center crop (default size/0.875)")
     s.add_argument("--in-chans", type=int, default=3, choices=[1, 3], help="for image folders")
+    _input_args(s, "for image folders: 224 (--resize default size/0.875), ImageNet mean/std; Fashion-MNIST's own")
     _recipe_args(s, TrainConfig())
     _output(s, "runs/train", "output folder: last.pt every epoch, model.safetensors at the end (default runs/train)")
 

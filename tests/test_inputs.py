@@ -334,3 +334,20 @@ def test_export_stores_the_spec_in_every_artifact_and_reads_it_back(cli, tmp_pat
                        "--mean", "0.5", "--no-eval", "--no-latency", "-o", str(tmp_path / "again"))  # fmt: skip
     assert code == 2 and "calibrated for inputs normalized with mean [0.286]" in err and "--mean" in err
     assert not (tmp_path / "again").exists()
+
+
+def test_train_takes_the_same_input_options(tmp_path, cli):
+    for split, n in (("train", 4), ("val", 2)):
+        for label, shade in (("boots", 40), ("coats", 200)):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("L", (30, 20), shade + i).save(folder / f"{i}.png")
+    code, _, err = cli("-q", "train", "--data", str(tmp_path / "data"), "--in-chans", "1", "--size", "12x20", "--mean", "0.4",
+                       "--std", "0.3", "--interpolation", "nearest", "--epochs", "1", "--batch-size", "8",
+                       "--out", str(tmp_path / "run"))  # fmt: skip
+    assert code == 0, err
+    _, meta = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    s = meta.input_spec
+    assert (s.size, s.resize, s.mean, s.std, s.interpolation) == ((12, 20), (13, 22), (0.4,), (0.3,), "nearest")  # 224/256 ratio
+    assert s.class_names == ("boots", "coats")
