@@ -315,8 +315,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     config = _recipe(args, TrainConfig)
-    square = [v if isinstance(v, int) else None for v in (args.size, args.resize)]
-    spec, _ = apply_overrides(training_spec(args.data, args.in_chans, *square), _inputs(args))
+    square = isinstance(args.size, int) and not isinstance(args.resize, tuple)  # else the overrides set both
+    base = training_spec(args.data, args.in_chans, args.size, args.resize) if square else training_spec(args.data, args.in_chans)
+    spec, _ = apply_overrides(base, _inputs(args))
     train_set, eval_set = labelled_sets(args.data, spec)
     _, meta = train(config, train_set, eval_set, args.output, resume=args.resume, progress=not args.quiet)
     if _main_rank():

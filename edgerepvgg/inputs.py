@@ -7,7 +7,6 @@ every checkpoint, so training, calibration, evaluation and every target see the 
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -15,8 +14,6 @@ from pathlib import Path
 import torch
 
 from edgerepvgg.errors import UserError
-
-log = logging.getLogger(__name__)
 
 FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -96,9 +93,6 @@ class InputSpec:
             raise UserError(f"unknown interpolation {self.interpolation!r}; choose one of {', '.join(INTERPOLATIONS)}")
         if any(not isinstance(n, str) or not n.strip() for n in self.class_names):
             raise UserError("class names must be non-empty strings")
-        dupes = sorted({n for n in self.class_names if self.class_names.count(n) > 1})
-        if dupes:
-            raise UserError(f"class names must be unique; {dupes[0]!r} appears more than once")
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -253,7 +247,7 @@ def describe_origins(spec: InputSpec, origins: dict[str, str]) -> str:
 
 def read_class_names(path: str | Path) -> tuple[str, ...]:
     """Class names from a text file, one per line in the head's output order (blank lines and
-    surrounding spaces ignored)."""
+    surrounding spaces ignored). A name may repeat: ImageNet's readable names hold two "crane"s."""
     p = Path(path)
     if not p.is_file():
         raise UserError(f"class-names file {str(path)!r} not found; pass a text file with one class name per line")
@@ -264,7 +258,4 @@ def read_class_names(path: str | Path) -> tuple[str, ...]:
     names = tuple(line.strip() for line in text.splitlines() if line.strip())
     if not names:
         raise UserError(f"class-names file {path} holds no names; put one class name per line")
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise UserError(f"class-names file {path} names {dupes[0]!r} more than once; class names must be unique")
     return names

@@ -51,7 +51,7 @@ def test_a_rectangular_spec_survives_json_and_old_records_read_as_bilinear():
     ({"std": (0.2, 0.0, 0.2)}, "std values must be positive"),
     ({"mean": (0.5, 0.5)}, "one value per channel"),
     ({"interpolation": "cubic"}, "unknown interpolation 'cubic'"),
-    ({"class_names": ("a", "a")}, "'a' appears more than once"),
+    ({"class_names": ("a", " ")}, "class names must be non-empty strings"),
 ])  # fmt: skip
 def test_bad_values_are_one_line_errors(kwargs, match):
     with pytest.raises(UserError, match=match) as exc:
@@ -106,9 +106,8 @@ def test_the_class_names_file_is_one_name_per_line(tmp_path):
     f = tmp_path / "names.txt"
     f.write_text("\ufeffcat\n  dog  \n\nbird\n")
     assert read_class_names(f) == ("cat", "dog", "bird")
-    f.write_text("cat\ndog\ncat\n")
-    with pytest.raises(UserError, match="'cat' more than once"):
-        read_class_names(f)
+    f.write_text("crane\nstork\ncrane\n")  # ImageNet's readable names: the bird and the machine
+    assert read_class_names(f) == ("crane", "stork", "crane")
     f.write_text("\n \n")
     with pytest.raises(UserError, match="holds no names"):
         read_class_names(f)
