@@ -84,9 +84,12 @@ def test_a_new_size_keeps_the_resize_ratio_and_each_value_says_where_it_came_fro
     assert both.resize == 64 and where["resize"] == "--resize"
 
 
-def test_no_overrides_leave_the_spec_as_it_was():
+def test_no_overrides_leave_the_spec_as_it_was_and_a_config_origin_is_kept():
     spec = InputSpec(class_names=("a", "b", "c"))
-    assert apply_overrides(spec, None, 3) == (spec, {k: "checkpoint" for k in apply_overrides(spec, None)[1]})
+    same, origins = apply_overrides(spec, None, 3)
+    assert same is spec and set(origins.values()) == {"checkpoint"}
+    _, origins = apply_overrides(spec, InputOverrides(std=(0.3, 0.3, 0.3)), 3, {"mean": "timm config.json"})
+    assert origins["mean"] == "timm config.json" and origins["std"] == "--std" and origins["size"] == "checkpoint"
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
