@@ -179,9 +179,9 @@ def _skip_reason(profile: Profile, plain: PlainNet) -> str:
         return f"{target.name} builds {', '.join(target.precisions)}, not {profile.precision}"
     if (blocked := cannot_export(target)) is not None:
         return blocked
-    size = plain.input_spec.size
-    if profile.input_size is not None and profile.input_size != size:
-        return f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {size}x{size}"
+    (h, w) = plain.input_spec.hw
+    if profile.input_size is not None and (profile.input_size, profile.input_size) != (h, w):
+        return f"profile is sized for {profile.input_size}x{profile.input_size} inputs, the model takes {h}x{w}"
     return ""
 
 
@@ -376,7 +376,8 @@ def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndar
     lat = {f"batch{b}": Latency(b, d.runs, d.warmup, d.p50_ms, d.p90_ms, d.mean_ms, d.min_ms) for b, d in result.latency.items()}
     report = ExportReport(result.backend, result.precision, {"size_bytes": sum((bundle / f).stat().st_size for f in manifest["files"]),
                           "info": {}}, score(torch.from_numpy(result.logits), refs_for(q)), lat,
-                          notes=(f"measured on the device {result.device_name}; timer: {result.timer}",))  # fmt: skip
+                          notes=(f"measured on the device {result.device_name}; timer: {result.timer}",),
+                          input_spec=manifest.get("input_spec", {}))  # fmt: skip
     row = _row(profile, report, q, n_convs)
     why = "; ".join([row.why, *result.native_notes]).strip("; ")
     return replace(row, name=f"{name}@device", device=result.device_name, timer=DEVICE_TIMER, native=_native(result),

@@ -298,6 +298,7 @@ class ExportReport:
     quant: dict = field(default_factory=dict)
     notes: tuple[str, ...] = ()
     out_dir: Path = Path(".")
+    input_spec: dict = field(default_factory=dict)  # what the artifact's input expects (InputSpec.to_dict)
 
     @property
     def status(self) -> str:
@@ -312,7 +313,7 @@ class ExportReport:
         return {"target": self.target, "precision": self.precision, "status": self.status, "emulated": self.emulated,
                 "artifact": self.artifact, "accuracy": self.accuracy.to_dict() if self.accuracy else None,
                 "latency": {k: v.to_dict() for k, v in self.latency.items()}, "quant": self.quant,
-                "notes": list(self.notes), "machine": machine_info()}  # fmt: skip
+                "input_spec": self.input_spec, "notes": list(self.notes), "machine": machine_info()}  # fmt: skip
 
 
 def _example_batch(plain: PlainNet, batch: int, eval_set: TensorDataset | None) -> np.ndarray:
@@ -439,6 +440,7 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
             notes.append(f"device bundle in {BUNDLE_DIR}/: run 'python3 runner.py .' in it on the device, then "
                          f"'edgerepvgg compare --results {where}' scores what it measured")  # fmt: skip
     artifact_dict = _relative_tree(artifact.to_dict(), out_dir)
-    report = ExportReport(target.name, precision, artifact_dict, accuracy, timings, emulated, quant, tuple(notes), out_dir)
+    report = ExportReport(target.name, precision, artifact_dict, accuracy, timings, emulated, quant, tuple(notes), out_dir,
+                          plain.input_spec.to_dict())  # fmt: skip
     write_text_atomic(out_dir / REPORT_FILE, json.dumps(report.to_dict(), indent=1) + "\n")
     return report

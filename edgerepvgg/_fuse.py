@@ -91,7 +91,7 @@ def check_equivalence(model: RepVGG, plain: PlainNet, batch: int = 2, seed: int 
     ``model`` fused in float64); in float32, the ``plain`` net as shipped against ``model``."""
     gen = torch.Generator().manual_seed(seed)
     s = plain.input_spec
-    x = torch.randn(batch, s.channels, s.size, s.size, generator=gen, dtype=torch.float64)
+    x = torch.randn(batch, *s.shape, generator=gen, dtype=torch.float64)
     ref64 = copy.deepcopy(model).to(torch.float64)
     return [
         compare_outputs(ref64, to_plain(ref64, s), x),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgerepvgg.inputs import InputSpec, default_spec
+from edgerepvgg.inputs import FIELDS, INTERPOLATIONS, InputOverrides, InputSpec, apply_overrides, default_spec, describe_origins
 from edgerepvgg.errors import UserError
 from edgerepvgg.io import atomic_path
 from edgerepvgg.models import VARIANTS, RepVGG, create_model, resolve_variant
@@ -306,29 +307,151 @@ def load_state(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in tensors.items()}, strict=False)
 
 
+# ---------------------------------------------------------------------------------------------
+# timm's config.json: the input spec a timm checkpoint was trained with
+
+TIMM_CONFIG = "config.json"
+_TIMM_INTERPOLATIONS = {"random": "bilinear"}  # timm's training-only choice; its eval default
+
+
+def _config_error(path: Path, what: str) -> UserError:
+    return UserError(f"{path}: {what}; fix or remove the file (it is read as timm's pretrained config beside the checkpoint)")
+
+
+def read_timm_config(path: str | Path, base: InputSpec, num_classes: int) -> tuple[InputSpec, dict[str, str]]:
+    """The input spec described by timm's ``config.json`` at ``path`` (``pretrained_cfg``:
+    ``input_size`` [C, H, W], ``crop_pct``, ``interpolation``, ``mean``, ``std``; top-level
+    ``num_classes`` and ``label_names``, a list or an index -> name dict; timm's older flat
+    layout too), over ``base`` for what it does not say, and where each value came from. The
+    channel and class counts must match the checkpoint's (``base.channels``, ``num_classes``)."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise _config_error(path, f"not readable JSON ({exc})") from exc
+    if not isinstance(cfg, dict):
+        raise _config_error(path, "not a JSON object")
+    pre = cfg.get("pretrained_cfg", cfg)  # timm's older configs were one flat dict
+    if not isinstance(pre, dict):
+        raise _config_error(path, "pretrained_cfg is not an object")
+    where = f"timm {path.name}"
+    origins = {f: "default" for f in FIELDS}
+    changes: dict = {}
+    try:
+        classes = cfg.get("num_classes", pre.get("num_classes"))
+        if classes is not None and int(classes) != num_classes:
+            raise _config_error(path, f"num_classes is {classes} but the checkpoint's head has {num_classes} outputs; "
+                                      "is it the config of another model?")  # fmt: skip
+        size = pre.get("input_size")
+        if size is not None:
+            if len(size) != 3:
+                raise _config_error(path, f"input_size should be [channels, height, width], got {size}")
+            if int(size[0]) != base.channels:
+                raise _config_error(path, f"input_size has {size[0]} channels but the checkpoint's stem takes {base.channels}")
+            changes["size"] = (int(size[1]), int(size[2]))
+            origins["size"] = where
+        crop = pre.get("crop_pct")
+        if crop is not None or "size" in changes:
+            crop = 0.875 if crop is None else float(crop)  # timm's DEFAULT_CROP_PCT
+            if not 0 < crop <= 1:
+                raise _config_error(path, f"crop_pct must be in (0, 1], got {crop}")
+            h, w = changes.get("size", base.hw)
+            changes["resize"] = (math.floor(h / crop), math.floor(w / crop))  # as timm's eval transform
+            origins["resize"] = f"{where}, crop_pct {crop:g}"
+        mode = pre.get("crop_mode", "center") or "center"
+        if mode != "center":
+            log.warning("%s: crop_mode %r is not supported; using timm's default 'center' (resize keeping the aspect "
+                        "ratio, crop the center), which may cost accuracy", path, mode)  # fmt: skip
+        for key in ("mean", "std"):
+            if pre.get(key) is not None:
+                changes[key] = tuple(float(v) for v in pre[key])
+                origins[key] = where
+        interp = pre.get("interpolation")
+        if interp:
+            interp = _TIMM_INTERPOLATIONS.get(str(interp), str(interp))
+            if interp not in INTERPOLATIONS:
+                raise _config_error(path, f"interpolation {pre['interpolation']!r} is unknown; known: {', '.join(INTERPOLATIONS)}")
+            changes["interpolation"] = interp
+            origins["interpolation"] = where
+        labels = cfg.get("label_names", pre.get("label_names", pre.get("labels")))
+        if labels:
+            if isinstance(labels, dict):
+                order = sorted(labels, key=int)
+                if [int(k) for k in order] != list(range(num_classes)):
+                    raise _config_error(path, f"label_names must name every class index 0..{num_classes - 1} once")
+                labels = [labels[k] for k in order]
+            if len(labels) != num_classes:
+                raise _config_error(path, f"label_names has {len(labels)} names but the head has {num_classes} outputs")
+            changes["class_names"] = tuple(str(n) for n in labels)
+            origins["class_names"] = where
+    except (TypeError, ValueError) as exc:
+        raise _config_error(path, f"unexpected value ({exc})") from exc
+    try:
+        return replace(base, **changes), origins
+    except UserError as exc:
+        raise _config_error(path, str(exc)) from exc
+
+
+def _is_timm_config(path: Path) -> bool:
+    """A ``config.json`` that looks like timm's (``pretrained_cfg`` or ``architecture`` inside)."""
+    if not path.is_file():
+        return False
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return True  # read_timm_config says what is wrong with it
+    return isinstance(cfg, dict) and ("pretrained_cfg" in cfg or "architecture" in cfg)
+
+
 def read_checkpoint(ref: str | Path | None = None) -> tuple[dict[str, torch.Tensor], ModelMeta, Path]:
     """The tensors of any supported checkpoint (default: the bundled model) renamed to the
     official layout, its metadata (read off the shapes for a foreign checkpoint, whose
-    ``extra["source_layout"]`` names its layout) and its path; no model is built."""
+    ``extra["source_layout"]`` names its layout, with timm's ``config.json`` beside it read for
+    its input spec) and its path; no model is built."""
+    tensors, meta, path, _ = _read_checkpoint(ref)
+    return tensors, meta, path
+
+
+def _read_checkpoint(ref: str | Path | None) -> tuple[dict[str, torch.Tensor], ModelMeta, Path, dict[str, str] | None]:
+    """read_checkpoint, plus where each input-spec value came from (None: our own checkpoint's)."""
     path = resolve_checkpoint(ref)
     tensors, meta = _read_tensors(path)
+    origins = None
     if meta is None:
         tensors, layout = to_official(tensors)
         meta = infer_meta(tensors)
         meta = replace(meta, extra={"source_layout": layout, "source": str(path)})
         log.info("read %s as a %s-layout %s RepVGG-%s", path, layout, "fused" if meta.fused else "train-time", meta.variant)
-    return tensors, meta, path
+        config = path.parent / TIMM_CONFIG
+        origins = {f: "default" for f in FIELDS}
+        if _is_timm_config(config):
+            spec, origins = read_timm_config(config, meta.input_spec, meta.num_classes)
+            meta = replace(meta, input_spec=spec, extra={**meta.extra, "input_config": str(config)})
+    return tensors, meta, path, origins
 
 
-def load_checkpoint(ref: str | Path | None = None, variant: str | None = None) -> tuple[RepVGG, ModelMeta]:
+def load_checkpoint(ref: str | Path | None = None, variant: str | None = None,
+                    inputs: InputOverrides | None = None) -> tuple[RepVGG, ModelMeta]:  # fmt: skip
     """Load any supported checkpoint (default: the bundled model) as a RepVGG in eval mode,
-    returning it with its metadata. ``variant`` overrides shape-based detection."""
-    tensors, meta, path = read_checkpoint(ref)
+    returning it with its metadata. ``variant`` overrides shape-based detection. A foreign
+    checkpoint's input spec is read from timm's ``config.json`` beside it when there is one, else
+    ImageNet's defaults; ``inputs`` overrides either (the log says where each value came from)."""
+    tensors, meta, path, origins = _read_checkpoint(ref)
     if variant is not None:
         meta = replace(meta, variant=resolve_variant(variant).name)
+    meta = _with_inputs(meta, inputs, origins)
     model = meta.build()
     load_state(model, tensors, path)
     return model.eval(), meta
+
+
+def _with_inputs(meta: ModelMeta, inputs: InputOverrides | None, origins: dict[str, str] | None) -> ModelMeta:
+    """``meta`` with ``inputs`` applied; logs where each value came from unless all came from
+    our own checkpoint (``origins`` None: everything did before ``inputs``)."""
+    spec, where = apply_overrides(meta.input_spec, inputs, meta.num_classes, origins)
+    if origins is not None or (inputs is not None and inputs.given()):
+        log.info("%s", describe_origins(spec, where))
+    return meta if spec == meta.input_spec else replace(meta, input_spec=spec)
 
 
 def is_variant_name(ref: str | Path | None) -> bool:
@@ -344,20 +467,21 @@ def is_variant_name(ref: str | Path | None) -> bool:
 
 
 def load_model(ref: str | Path | None = None, *, num_classes: int = 1000, in_chans: int = 3,
-               block: str = "repvgg") -> tuple[RepVGG, ModelMeta]:  # fmt: skip
+               block: str = "repvgg", inputs: InputOverrides | None = None) -> tuple[RepVGG, ModelMeta]:  # fmt: skip
     """What every command takes as its model: a checkpoint file, a bundled model name (``None``:
     the default bundled model), or a variant name, which builds that variant with random weights
     (``num_classes``, ``in_chans``, ``block``) and says so in a warning: useful for sizes, speed
-    and graph checks, meaningless for accuracy."""
+    and graph checks, meaningless for accuracy. ``inputs`` overrides the input spec it carries."""
     if not is_variant_name(ref):
-        return load_checkpoint(ref)
+        return load_checkpoint(ref, inputs=inputs)
     model = create_model(str(ref), num_classes=num_classes, in_chans=in_chans, block=block).eval()
     log.warning("%s is a variant name, not a checkpoint: RepVGG-%s with random weights (%d classes); "
                 "accuracy figures mean nothing for it", ref, model.config.name, num_classes)  # fmt: skip
-    return model, meta_for(model, default_spec(in_chans), random_weights=True)
+    meta = meta_for(model, default_spec(in_chans), random_weights=True)
+    return model, _with_inputs(meta, inputs, {f: "default" for f in FIELDS} if inputs is not None and inputs.given() else None)
 
 
-def describe(model: RepVGG, meta: ModelMeta, size: int | None = None) -> dict:
+def describe(model: RepVGG, meta: ModelMeta, size: int | tuple[int, int] | None = None) -> dict:
     """Name, parameters (train-time and fused), MACs at ``size`` (default: the input size) and
     the per-layer table of ``model``: what ``edgerepvgg info`` prints."""
     from edgerepvgg._fuse import to_plain
@@ -367,8 +491,8 @@ def describe(model: RepVGG, meta: ModelMeta, size: int | None = None) -> dict:
     side = size or meta.input_spec.size
     rows = count_macs(plain, side)
     layers = [{"name": info.name, "in": info.in_channels, "out": info.out_channels, "stride": info.stride, "groups": info.groups,
-               "out_size": out, "macs": macs} for info, (_, out, macs) in zip(plain.layers(), rows)]  # fmt: skip
+               "out_size": out if isinstance(out, int) else list(out), "macs": macs} for info, (_, out, macs) in zip(plain.layers(), rows)]  # fmt: skip
     layers.append({"name": "head", "in": plain.head.in_features, "out": plain.head.out_features, "out_size": 1, "macs": rows[-1][2]})
-    return {"name": plain.name, "variant": meta.variant, "block": meta.block, "fused": meta.fused, "size": side,
+    return {"name": plain.name, "variant": meta.variant, "block": meta.block, "fused": meta.fused, "size": side if isinstance(side, int) else list(side),
             "params_train": sum(p.numel() for p in model.parameters()), "params_fused": sum(p.numel() for p in plain.parameters()),
             "macs": sum(r[2] for r in rows), "layers": layers}  # fmt: skip

@@ -93,6 +93,44 @@ def _model_args(s: argparse.ArgumentParser) -> None:
     g.add_argument("--num-classes", type=POSITIVE, default=1000, help="classes (default 1000)")
     g.add_argument("--in-chans", type=int, default=3, choices=[1, 3], help="input channels (default 3)")
     g.add_argument("--block", default="repvgg", choices=["repvgg", "qarepvgg"], help="block type (default repvgg)")
+    _input_args(s)
+
+
+def _size(text: str):
+    from edgerepvgg.inputs import parse_size
+
+    try:
+        size = parse_size(text)
+    except UserError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    if min(size if isinstance(size, tuple) else (size,)) < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 pixel, got {text}")
+    return size
+
+
+def _input_args(s: argparse.ArgumentParser, default: str = "the checkpoint's, else timm's config.json beside it, else ImageNet's") -> None:
+    """The input spec's options: each replaces what the checkpoint (or timm's config.json beside
+    it) carries; the log says where every value came from."""
+    from edgerepvgg.inputs import INTERPOLATIONS
+
+    g = s.add_argument_group(f"input spec (default: {default})")
+    g.add_argument("--size", type=_size, metavar="N|HxW", help="network input, e.g. 224 or 48x64 (height x width)")
+    g.add_argument("--resize", type=_size, metavar="N|HxW", help="resize (aspect kept) to cover this before the center crop; "
+                   "N: the shorter side (default: the checkpoint's resize/size ratio at --size)")  # fmt: skip
+    g.add_argument("--mean", type=_number(0, 1), nargs="+", metavar="M", help="per-channel mean of [0, 1] pixels, in [0, 1] (one per input channel)")
+    g.add_argument("--std", type=_number(0, lo_open=True), nargs="+", metavar="S", help="per-channel std (one per input channel, each > 0)")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, help="resize filter")
+    g.add_argument("--class-names", metavar="FILE", help="class names, one per line in the head's order (as many as it has outputs)")
+
+
+def _inputs(args: argparse.Namespace):
+    """The input-spec overrides the flags give (None: none given)."""
+    from edgerepvgg.inputs import InputOverrides, read_class_names
+
+    names = read_class_names(args.class_names) if args.class_names else None
+    o = InputOverrides(args.size, args.resize, tuple(args.mean) if args.mean else None, tuple(args.std) if args.std else None,
+                       args.interpolation, names, args.class_names)  # fmt: skip
+    return o if o.given() else None
 
 
 def _calibration_args(s: argparse.ArgumentParser, spec: bool = False, scheme: bool = True, constraints: str | None = None) -> None:
@@ -176,7 +214,7 @@ def _plain(args: argparse.Namespace):
     """(PlainNet, train-time model or None) for the MODEL argument (fused and checked)."""
     from edgerepvgg._export import resolve_model
 
-    return resolve_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block)
+    return resolve_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block, inputs=_inputs(args))
 
 
 def _calibration(args: argparse.Namespace):
@@ -213,8 +251,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     from edgerepvgg.checkpoints import describe, load_model
     from edgerepvgg.report import info_text
 
-    model, meta = load_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block)
-    info = describe(model, meta, args.size)
+    model, meta = load_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block,
+                             inputs=_inputs(args))  # fmt: skip
+    info = describe(model, meta)
     print(info_text(info, meta, layers=args.layers))
     if args.output:
         _write_json(args.output, {**info, "meta": json.loads(meta.to_json())})
@@ -225,7 +264,8 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from edgerepvgg._fuse import fuse, reparameterize
     from edgerepvgg.checkpoints import load_model, save_checkpoint
 
-    model, meta = load_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block)
+    model, meta = load_model(args.checkpoint, num_classes=args.num_classes, in_chans=args.in_chans, block=args.block,
+                             inputs=_inputs(args))  # fmt: skip
     _, checks = fuse(model, meta.input_spec)
     for check in checks:
         print(f"equivalence {check}")
@@ -297,6 +337,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     from edgerepvgg.data import labelled_sets, training_spec
+    from edgerepvgg.inputs import apply_overrides
     from edgerepvgg.train import MODEL_FILE, TrainConfig, init_variant, train
 
     if args.threads:
@@ -304,7 +345,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     variant, block = init_variant(args.init) if args.init and None in (args.model, args.block) else ("A0", "repvgg")
     args.model, args.block = args.model or variant, args.block or block
     config = _recipe(args, TrainConfig)
-    train_set, eval_set = labelled_sets(args.data, training_spec(args.data, args.in_chans, args.size, args.resize))
+    square = isinstance(args.size, int) and not isinstance(args.resize, tuple)  # else the overrides set both
+    base = training_spec(args.data, args.in_chans, args.size, args.resize) if square else training_spec(args.data, args.in_chans)
+    spec, _ = apply_overrides(base, _inputs(args))
+    train_set, eval_set = labelled_sets(args.data, spec)
     _, meta = train(config, train_set, eval_set, args.output, resume=args.resume, progress=not args.quiet, device=args.device,
                     init=args.init)  # fmt: skip
     if _main_rank():
@@ -422,7 +466,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = command("info", cmd_info, "parameters, MACs and layers of a variant or checkpoint")
     _model_args(s)
-    s.add_argument("--size", type=POSITIVE, help="input side for MACs (default: the model's input size)")
     s.add_argument("--layers", action="store_true", help="print the per-layer table")
     _output(s, None, "also write the information as JSON to this file")
 
@@ -459,9 +502,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "layout): a new head when the class count differs, the stem's input channels adapted (3 -> 1: summed)")  # fmt: skip
     s.add_argument("--data", default="fashion-mnist", help="'fashion-mnist' (Debian's package), a folder of its IDX files, "
                    "or a folder with train/ [val/] class subfolders")  # fmt: skip
-    s.add_argument("--size", type=_whole(8), help="input side for image folders (default 224)")
-    s.add_argument("--resize", type=_whole(8), help="shorter side before center crop (default size/0.875)")
     s.add_argument("--in-chans", type=int, default=3, choices=[1, 3], help="for image folders")
+    _input_args(s, "for image folders: 224 (--resize default size/0.875), ImageNet mean/std; Fashion-MNIST's own")
     _recipe_args(s, TrainConfig())
     _device_args(s, "training runs", amp=True, torchrun=True)
     _output(s, "runs/train", "output folder: last.pt every epoch, model.safetensors at the end (default runs/train)")

@@ -110,15 +110,22 @@ def _to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert(target) if img.mode != target else img
 
 
+_RESAMPLE = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "lanczos": Image.LANCZOS,
+             "box": Image.BOX, "hamming": Image.HAMMING}  # fmt: skip
+
+
 def resize_and_crop(img: Image.Image, spec: InputSpec) -> Image.Image:
-    """Resize the shorter side to ``spec.resize`` (bilinear), then center-crop ``spec.size``."""
+    """Resize, aspect ratio kept, until the image covers ``spec.resize`` (for a square N: the
+    shorter side becomes N; timm's ResizeKeepRatio for a rectangle), with ``spec.interpolation``;
+    then center-crop ``spec.size`` (height x width)."""
     w, h = img.size
-    scale = spec.resize / min(w, h)
-    nw, nh = max(spec.size, round(w * scale)), max(spec.size, round(h * scale))
+    (rh, rw), (ch, cw) = spec.resize_hw, spec.hw
+    scale = max(rh / h, rw / w)
+    nw, nh = max(cw, round(w * scale)), max(ch, round(h * scale))
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - spec.size) // 2, (nh - spec.size) // 2
-    return img.crop((left, top, left + spec.size, top + spec.size))
+        img = img.resize((nw, nh), _RESAMPLE[spec.interpolation])
+    left, top = (nw - cw) // 2, (nh - ch) // 2
+    return img.crop((left, top, left + cw, top + ch))
 
 
 def _to_tensor(img: Image.Image) -> torch.Tensor:
@@ -161,7 +168,7 @@ def load_array(array: np.ndarray, spec: InputSpec) -> torch.Tensor:
 def prepare_arrays(images: np.ndarray, spec: InputSpec) -> torch.Tensor:
     """Apply the spec's resize/crop/channels to raw grayscale arrays: (N, H, W) -> uint8 NCHW."""
     out = [load_array(a, spec) for a in images]
-    return torch.stack(out) if out else torch.empty(0, spec.channels, spec.size, spec.size, dtype=torch.uint8)
+    return torch.stack(out) if out else torch.empty(0, *spec.shape, dtype=torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,9 +205,10 @@ class TensorDataset:
             yield self.spec.normalize(self.images[i : i + batch_size]), self.labels[i : i + batch_size]
 
     def fingerprint(self) -> str:
-        """Hash of the preprocessed images: identical tensors, identical statistics."""
+        """Hash of the preprocessed images and their normalization: identical tensors, identical statistics."""
         h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
         h.update(str(tuple(self.images.shape)).encode())
+        h.update(repr((self.spec.mean, self.spec.std)).encode())  # the same pixels normalized otherwise are other tensors
         return h.hexdigest()[:16]
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from edgerepvgg.inputs import InputSpec
+from edgerepvgg.inputs import InputSpec, hw
 
 
 Observe = Callable[[str, torch.Tensor], None]
@@ -86,9 +86,8 @@ class PlainNet(nn.Module):
         return [f"convs.{i}" for i in range(len(self.convs))] + ["pool", "head", "output"]
 
     def example_input(self, batch: int = 1) -> torch.Tensor:
-        s = self.input_spec
         w = self.head.weight
-        return torch.randn(batch, s.channels, s.size, s.size, dtype=w.dtype, device=w.device)
+        return torch.randn(batch, *self.input_spec.shape, dtype=w.dtype, device=w.device)
 
 
 def plain_name(variant: str | None, block: str | None) -> str:
@@ -103,13 +102,14 @@ def conv_output_size(size: int, stride: int) -> int:
     return (size - 1) // stride + 1
 
 
-def count_macs(plain: PlainNet, size: int | None = None) -> list[tuple[str, int, int]]:
-    """Multiply-accumulates per layer at a square input ``size`` (default: the input spec's):
-    ``[(layer name, output side, MACs), ...]`` ending with the head."""
-    side = size or plain.input_spec.size
+def count_macs(plain: PlainNet, size: int | tuple[int, int] | None = None) -> list[tuple[str, int | tuple[int, int], int]]:
+    """Multiply-accumulates per layer at input ``size`` (N or (height, width); default: the input
+    spec's): ``[(layer name, output size (N, or (height, width) when not square), MACs), ...]``
+    ending with the head."""
+    h, w = hw(size) if size is not None else plain.input_spec.hw
     rows = []
     for info, conv in zip(plain.layers(), plain.convs):
-        side = conv_output_size(side, info.stride)
-        rows.append((info.name, side, side * side * info.out_channels * (info.in_channels // info.groups) * 9))
+        h, w = conv_output_size(h, info.stride), conv_output_size(w, info.stride)
+        rows.append((info.name, h if h == w else (h, w), h * w * info.out_channels * (info.in_channels // info.groups) * 9))
     rows.append(("head", 1, plain.head.in_features * plain.head.out_features))
     return rows

@@ -83,6 +83,12 @@ def targets_text(rows) -> str:
     return "\n".join(lines)
 
 
+def _hw_text(size: int | list[int]) -> str:
+    """``7`` -> ``7x7``, ``[6, 8]`` -> ``6x8`` (height x width)."""
+    h, w = (size, size) if isinstance(size, int) else size
+    return f"{h}x{w}"
+
+
 def info_text(info: dict, meta: "ModelMeta", layers: bool = False) -> str:
     """What ``edgerepvgg info`` prints: :func:`edgerepvgg.checkpoints.describe` as text."""
     form = "fused (deploy)" if meta.fused else "train-time"
@@ -91,13 +97,13 @@ def info_text(info: dict, meta: "ModelMeta", layers: bool = False) -> str:
     params = f"{info['params_fused']:,}" if meta.fused else f"{info['params_train']:,} train-time, {info['params_fused']:,} fused"
     lines = [f"model       {info['name']}  ({meta.block} blocks, {form}{random})",
              f"classes     {meta.num_classes}" + (f"  ({', '.join(names)})" if names else ""),
-             f"input       {s.channels}x{s.size}x{s.size}, resize {s.resize}, mean {list(s.mean)}, std {list(s.std)}",
-             f"params      {params}", f"MACs        {info['macs'] / 1e9:.3f} G at {info['size']}x{info['size']}",
+             f"input       {s.describe()}",
+             f"params      {params}", f"MACs        {info['macs'] / 1e9:.3f} G at {_hw_text(info['size'])}",
              *(f"{key:<11} {meta.extra[key]}" for key in ("eval_top1", "eval_set") if key in meta.extra)]  # fmt: skip
     if layers:
         lines += ["", f"{'layer':<10} {'in':>5} {'out':>5} {'stride':>6} {'groups':>6} {'out size':>8} {'MMACs':>9}"]
         for r in info["layers"]:
-            side = f"{r['out_size']:>4}x{r['out_size']:<3}" if r["name"] != "head" else ""
+            side = _hw_text(r["out_size"]) if r["name"] != "head" else ""
             lines.append(f"{r['name']:<10} {r['in']:>5} {r['out']:>5} {r.get('stride', ''):>6} {r.get('groups', ''):>6} {side:>8} {r['macs'] / 1e6:>9.2f}")
     return "\n".join(lines)
 

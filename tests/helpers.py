@@ -48,7 +48,7 @@ def random_batch(plain, n: int, seed: int = 0) -> np.ndarray:
     """``n`` standard-normal NCHW float32 images shaped for ``plain``'s input spec (what a
     runner takes: numpy, already normalized)."""
     s = plain.input_spec
-    return np.random.default_rng(seed).standard_normal((n, s.channels, s.size, s.size)).astype(np.float32)
+    return np.random.default_rng(seed).standard_normal((n, *s.shape)).astype(np.float32)
 
 
 # --- a device reached over real OpenSSH: tests/test_remote.py and benchmarks/remote_loopback.py ---

@@ -55,7 +55,7 @@ def self_labelled(plain: PlainNet, n: int = 64, seed: int = 3):
 
     gen = torch.Generator().manual_seed(seed)
     s = plain.input_spec
-    images = torch.randint(0, 256, (n, s.channels, s.size, s.size), dtype=torch.uint8, generator=gen)
+    images = torch.randint(0, 256, (n, *s.shape), dtype=torch.uint8, generator=gen)
     unlabelled = TensorDataset(images, torch.zeros(n, dtype=torch.long), s, "random")
     with torch.no_grad():
         labels = plain(next(iter(unlabelled.batches(n)))[0]).argmax(1)

@@ -141,6 +141,8 @@ def _accepts_or_refuses_in_one_line(command: str, option: str, text: str) -> Non
         assert option in _one_line(err), err
         return
     value = getattr(ns, option.lstrip("-").replace("-", "_"))
+    if isinstance(value, list):  # a list option (--mean, --std) given one value
+        (value,) = value
     assert isinstance(value, (int, float)) and math.isfinite(value), f"{option}={text} accepted as {value!r}"
     assert value == float(text), f"{option}={text} read as {value!r}"
 

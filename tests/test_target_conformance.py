@@ -199,6 +199,29 @@ def test_int8_runner_agrees_with_the_integer_net(target, plain, tmp_path, one_th
     assert a.top1 >= 0.95 and a.cosine > 0.999, a
 
 
+# Rectangular inputs (height != width), odd sides included: every stride-2 conv pads differently
+# in TFLite (PAD + VALID) than a square of even side would exercise.
+SHAPES = [pytest.param((48, 64), id="48x64"), pytest.param((17, 30), id="17x30")]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_rectangular_input_runs_fp32_and_int8_like_the_plain_and_the_integer_net(target, shape, tmp_path, one_thread):
+    rect = tiny_plain(seed=0, size=shape, classes=5).eval()
+    x = torch.from_numpy(random_batch(rect, 16, seed=3)).clamp(-2.5, 2.5)
+    fp32 = target.compile(rect, None, tmp_path / "fp32")
+    assert target.metadata(fp32).input_spec == rect.input_spec and rect.input_spec.hw == shape
+    with torch.no_grad():
+        ref = rect(x).numpy()
+    np.testing.assert_allclose(target.load(fp32, threads=1)(x.numpy()), ref, rtol=1e-4, atol=1e-4 * float(np.abs(ref).max()))
+    spec = _spec(target, rect, x)
+    int8 = target.compile(rect, spec, tmp_path / "int8", "int8")
+    assert target.metadata(int8).input_spec == rect.input_spec
+    got = target.load(int8, threads=1)(x.numpy())
+    assert got.shape == (16, 5)
+    a = agreement(torch.from_numpy(got), IntegerNet(rect, spec)(x))
+    assert a.top1 >= 0.95 and a.cosine > 0.999, a
+
+
 def test_fixed_batch_is_built_where_declared_and_refused_elsewhere(target, plain, tmp_path, one_thread):
     if not target.supports_fixed_batch:
         with pytest.raises(UserError, match="cannot fix the batch") as exc:

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 BUNDLE_FORMAT, BUNDLE_VERSION = _runner.BUNDLE_FORMAT, _runner.BUNDLE_VERSION
 MANIFEST_FILE, INPUTS_FILE, RUNNER_FILE, SCRIPT_FILE = "manifest.json", "inputs.npy", "runner.py", "run.sh"
 COMMAND = "python3 runner.py ."
-_PREPROCESSING = ("size", "resize", "channels", "mean", "std")
+_PREPROCESSING = ("size", "resize", "channels", "mean", "std", "interpolation")
 
 
 def sha256_file(path: str | Path) -> str:

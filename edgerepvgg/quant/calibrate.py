@@ -188,7 +188,8 @@ def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints
         weight = TensorQuant(grid, tuple(float(s) for s in scales), (0,) * len(scales))
         layers.append(LayerQuant(name, act_quant(name), weight))
     output = act_quant("output") if constraints.int_output else None
-    calibration = {**config.record(), "images": stats.images, "source": stats.source, "fingerprint": stats.fingerprint}
+    calibration = {**config.record(), "images": stats.images, "source": stats.source, "fingerprint": stats.fingerprint,
+                   "input_spec": plain.input_spec.to_dict()}  # fmt: skip
     return QuantSpec(constraints, tuple(layers), act_quant("pool"), output, stats.model_hash, calibration)
 
 

@@ -348,6 +348,12 @@ def require_spec_for(plain: PlainNet, spec: QuantSpec) -> None:
     if spec.model_hash != model_hash(plain):
         raise UserError("the QuantSpec was made for another model (its model hash differs); calibrate this checkpoint, "
                         "or pass the checkpoint the spec was made with (e.g. the QAT output's model.safetensors)")  # fmt: skip
+    recorded = spec.calibration.get("input_spec")  # the input quantizer's range follows the normalization
+    want = plain.input_spec
+    if recorded and (tuple(recorded.get("mean", ())), tuple(recorded.get("std", ()))) != (want.mean, want.std):
+        raise UserError(f"the QuantSpec was calibrated for inputs normalized with mean {list(recorded.get('mean', ()))}, std "
+                        f"{list(recorded.get('std', ()))}, the model now takes mean {list(want.mean)}, std {list(want.std)}; "
+                        "calibrate again with this --mean/--std, or drop them")  # fmt: skip
 
 
 def model_hash(plain: PlainNet) -> str:

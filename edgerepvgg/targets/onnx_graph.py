@@ -189,7 +189,7 @@ def build_model(plain: PlainNet, spec: QuantSpec | None = None, batch: int | Non
     n = "batch" if batch is None else batch
     graph = helper.make_graph(
         b.nodes, plain.name or "plain",
-        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [n, s.channels, s.size, s.size])],
+        [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, [n, *s.shape])],
         [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, [n, plain.num_classes])],
         b.inits,
     )  # fmt: skip

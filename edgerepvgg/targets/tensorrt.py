@@ -214,7 +214,7 @@ class BuildOptions:
     def shapes(self, plain: PlainNet) -> tuple[tuple[int, ...], ...]:
         """The (min, opt, max) NCHW input shapes of ``plain``'s profile."""
         s = plain.input_spec
-        return tuple((b, s.channels, s.size, s.size) for b in self.batch)
+        return tuple((b, *s.shape) for b in self.batch)
 
 
 def strongly_typed(precision: str, version: str | None = None) -> bool:

@@ -143,17 +143,17 @@ def _build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: b
     """The TFLite graph of ``plain``: float32 throughout, or int8 under ``spec`` (float or int8 I/O)."""
     g = _TFLiteGraph()
     s = plain.input_spec
-    side, ch = s.size, s.channels
+    (h, w), ch = s.hw, s.channels
     dt = _INT8 if int8 else _FLOAT32
     layers = spec.layers if int8 and spec is not None else None
 
     def aq(point: TensorQuant | None) -> _Quant | None:
         return _act_quant(point) if layers is not None else None
 
-    x = g.activation("input", [1, side, side, ch], _INT8 if int8_io else _FLOAT32, aq(layers[0].input) if int8_io else None)
+    x = g.activation("input", [1, h, w, ch], _INT8 if int8_io else _FLOAT32, aq(layers[0].input) if int8_io else None)
     g.inputs.append(x)
     if int8 and not int8_io:
-        xq = g.activation("input_int8", [1, side, side, ch], _INT8, aq(layers[0].input))
+        xq = g.activation("input_int8", [1, h, w, ch], _INT8, aq(layers[0].input))
         g.op("QUANTIZE", [x], [xq], "QuantizeOptions", version=2)
         x = xq
     n = len(plain.convs)
@@ -164,10 +164,10 @@ def _build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: b
         padding = 0  # SAME: for a stride-1 3x3 conv, 1 on each side, as PyTorch
         if stride != 1:
             pads = g.constant(f"{name}/paddings", np.array([[0, 0], [1, 1], [1, 1], [0, 0]]), _INT32)
-            padded = g.activation(f"{name}/padded", [1, side + 2, side + 2, cin], dt, q_in)
+            padded = g.activation(f"{name}/padded", [1, h + 2, w + 2, cin], dt, q_in)
             g.op("PAD", [x, pads], [padded], "PadOptions", version=3 if int8 else 1)
             x, padding = padded, 1  # VALID on the explicitly padded input
-        side = conv_output_size(side, stride)
+        h, w = conv_output_size(h, stride), conv_output_size(w, stride)
         w_ohwi = conv.weight.detach().permute(0, 2, 3, 1)
         if layers:
             wq, bq, bias_scales = _int_weights(conv, layers[i])
@@ -179,7 +179,7 @@ def _build_graph(plain: PlainNet, spec: QuantSpec | None, int8: bool, int8_io: b
             w_t = g.constant(f"{name}/weight", w_ohwi.float().cpu().numpy(), _FLOAT32)
             b_t = g.constant(f"{name}/bias", conv.bias.detach().float().cpu().numpy(), _FLOAT32)
             q_out = None
-        y = g.activation(f"{name}/relu", [1, side, side, cout], dt, q_out)
+        y = g.activation(f"{name}/relu", [1, h, w, cout], dt, q_out)
         version = 6 if groups != 1 else 3 if int8 else 1  # grouped CONV_2D (filter OHW(I/groups)) is version 6
         g.op("CONV_2D", [x, w_t, b_t], [y], "Conv2DOptions", version=version,
              Padding=padding, StrideW=stride, StrideH=stride, FusedActivationFunction=1,
