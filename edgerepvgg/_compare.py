@@ -327,7 +327,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
         ref_rows.append(replace(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, q), plain, r,
                                            r.emulation, 16, False, "the referee: what every INT8 target should compute"),
                                 quant=quant_kind(q)))  # fmt: skip
-    ref_rows += tuner.reference_rows() if tuner is not None else []
+    ref_rows = tuner.with_reference_rows(ref_rows) if tuner is not None else ref_rows
     source = data.source + ("" if data.labelled else f" ({NO_LABELS})")
     return Comparison(tuple(ref_rows + rows), source, len(data), plain.name, data.labelled, strict,
                       tuple(tuner.summaries()) if tuner is not None else ())  # fmt: skip
@@ -464,16 +464,18 @@ class _QATRuns:
         row = _row(profile, report, run.spec, n_convs, arch_why)
         return replace(row, name=name, why="; ".join(w for w in (row.why, qat_note(run)) if w))
 
-    def reference_rows(self) -> list[Row]:
-        """One emulation row per QAT result: the referee of its QAT rows."""
-        rows = []
+    def with_reference_rows(self, ref_rows: list[Row]) -> list[Row]:
+        """``ref_rows`` with one emulation row per QAT result (the referee of its QAT rows) right
+        below the PTQ emulation row of its scheme."""
+        out = list(ref_rows)
         for key, run in self.runs.items():
-            r = self.refs[key]
-            row = _torch_row(f"emulation-{run.spec.constraints.name}-qat", "PyTorch integer emulation", "int8",
-                             IntegerNet(run.plain, run.spec), run.plain, r, r.emulation, 16, False,
+            r, name = self.refs[key], run.spec.constraints.name
+            row = _torch_row(f"emulation-{name}-qat", "PyTorch integer emulation", "int8", IntegerNet(run.plain, run.spec),
+                             run.plain, r, r.emulation, 16, False,
                              "the referee of the QAT rows: what their INT8 targets should compute")  # fmt: skip
-            rows.append(replace(row, quant=quant_kind(run.spec)))
-        return rows
+            at = next((i + 1 for i, x in enumerate(out) if x.name == f"emulation-{name}"), len(out))
+            out.insert(at, replace(row, quant=quant_kind(run.spec)))
+        return out
 
     def summaries(self) -> list[dict]:
         return [run.summary() for run in self.runs.values()]
