@@ -498,34 +498,49 @@ def test_torchrun_two_processes_match_one(trained, tmp_path):
         images, labels = synthetic_images(n, classes=5, seed=seed)
         write_idx(data / f"{prefix}-images-idx3-ubyte", images)
         write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
-    args = ["qat", str(ckpt), "--data", str(data), "--epochs", "1", "--batch-size", "32", "--optimizer", "sgd",
+    # Two epochs with --patience 1: PTQ is at 100% here, so no epoch can beat it and both runs stop
+    # after the first; rank 0 decides and rank 1 must stop with it (or the job would hang).
+    args = ["qat", str(ckpt), "--data", str(data), "--epochs", "2", "--patience", "1", "--batch-size", "32", "--optimizer", "sgd",
             "--lr", "0.001", "--method", "minmax", "--learn-scales", "--threads", "1", "--no-cache"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edgerepvgg"]
     done = subprocess.run(cmd + args + ["--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("top-1 on 32 images") == 1, done.stdout  # rank 1 is silent
-    assert done.stderr.count("INFO edgerepvgg.train: epoch 1/1") == 1, done.stderr[-3000:]  # rank 1: no log ...
+    assert done.stderr.count("INFO edgerepvgg.train: epoch 1/2") == 1, done.stderr[-3000:]  # rank 1: no log ...
     assert done.stderr.count("calibrating:   0%") == 1, done.stderr[-3000:]  # ... and no progress bar
 
     assert main(["-q"] + args + ["--out", str(tmp_path / "one")]) == 0
-    one, ddp = load_file(str(tmp_path / "one" / MODEL_FILE)), load_file(str(tmp_path / "ddp" / MODEL_FILE))
-    start = plain_to_repvgg(trained[0]).state_dict()
-    assert one.keys() == ddp.keys() == start.keys()
+    # What was trained (the QATNet in last.pt, learned scales included), whichever result was kept.
+    (one, h1), (ddp, h2) = ((s["model"], s["history"]) for s in (torch.load(tmp_path / d / STATE_FILE, weights_only=True)
+                                                                   for d in ("one", "ddp")))  # fmt: skip
+    assert one.keys() == ddp.keys() and any(k.startswith("inputs.") and k.endswith(".scale") for k in one)
+    plain = trained[0]
+    start = {**{f"convs.{i}.conv.weight": c.weight.detach() for i, c in enumerate(plain.convs)}, "head.weight": plain.head.weight.detach()}
     # Gloo sums the two half-batch gradients in another order than one process sums the whole
     # batch: the runs agree to float rounding, a few millionths of the distance training moved the
     # weights (a rank that used the wrong shard, or gradients not averaged, would be ~1x apart).
-    moved = sum(float((one[k] - start[k]).square().sum()) for k in one) ** 0.5
-    apart = sum(float((ddp[k] - one[k]).square().sum()) for k in one) ** 0.5
-    assert apart < 1e-4 * moved, (apart, moved)
+    moved = sum(float((one[k] - start[k]).square().sum()) for k in start) ** 0.5
+    apart = sum(float((ddp[k] - one[k]).float().square().sum()) for k in one) ** 0.5
+    assert 0 < apart < 1e-4 * moved, (apart, moved)  # not bitwise equal: the comparison is not vacuous
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
-    s1, s2 = (load_spec(tmp_path / d / SPEC_FILE) for d in ("one", "ddp"))
-    assert s2.model_hash != s1.model_hash  # not bitwise equal: the comparison above is not vacuous
-    assert _scales(s2) == pytest.approx(_scales(s1), rel=1e-5, abs=1e-7)
-    h1, h2 = (torch.load(tmp_path / d / STATE_FILE, weights_only=True)["history"] for d in ("one", "ddp"))
     assert [h["images"] for h in h2] == [h["images"] for h in h1] == [64]  # each image once per epoch, not twice
     assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-5)
+    # Both made the same decision on the same evidence, and wrote what it says.
+    r1, r2 = (json.loads((tmp_path / d / RECORD_FILE).read_text()) for d in ("one", "ddp"))
+    assert (r1["kept"], r1["ptq_top1"]) == (r2["kept"], r2["ptq_top1"]) and r1["qat_top1"] == pytest.approx(r2["qat_top1"], abs=1 / 32)
+    assert r1["ptq_top1"] == 1.0 and r1["stopped_early"] and r2["stopped_early"] and "train: epoch 2/2" not in done.stderr
+    s1, s2 = (load_spec(tmp_path / d / SPEC_FILE) for d in ("one", "ddp"))
+    f1, f2 = (load_file(str(tmp_path / d / MODEL_FILE)) for d in ("one", "ddp"))
+    if r1["kept"] == "ptq":  # PTQ: the starting model, bit for bit, and its spec
+        original = plain_to_repvgg(plain).state_dict()
+        assert all(torch.equal(f1[k], original[k]) and torch.equal(f2[k], original[k]) for k in original)
+        assert s1.layers == s2.layers and s1.model_hash == s2.model_hash == model_hash(plain)
+    else:
+        assert s2.model_hash != s1.model_hash and _scales(s2) == pytest.approx(_scales(s1), rel=1e-5, abs=1e-7)
+        for k in f1:
+            torch.testing.assert_close(f2[k], f1[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _scales(spec) -> list[float]:
