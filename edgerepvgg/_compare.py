@@ -424,9 +424,12 @@ class _QATRuns:
         """Progress steps the QAT side adds: one per QAT row, one per epoch of each fine-tune."""
         schemes, rows = set(), 0
         for p in profiles:
-            if p.precision != "int8" or _skip_reason(p, self.plain):
+            try:
+                if p.precision != "int8" or _skip_reason(p, self.plain):
+                    continue
+                name = _constraints(p, get_target(p.backend).constraint_set, weight_bits).name
+            except UserError:  # the loop makes it that profile's row
                 continue
-            name = _constraints(p, get_target(p.backend).constraint_set, weight_bits).name
             if spec is None or spec.constraints.name == name:
                 schemes.add(name)
                 rows += 1

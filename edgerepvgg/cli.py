@@ -152,7 +152,7 @@ def _qat_args(s: argparse.ArgumentParser, pipeline: bool = False) -> None:
         for flag, kind, value in (("--batch-size", POSITIVE, d.batch_size), ("--lr", _number(0, lo_open=True), d.lr),
                                   ("--weight-decay", _number(0), d.weight_decay), ("--warmup-epochs", _number(0), d.warmup_epochs),
                                   ("--seed", _whole(0), d.seed)):  # fmt: skip
-            g.add_argument(flag, type=kind, default=value, help=f"(default {value:g})")
+            g.add_argument(flag, type=kind, default=value, help=f"QAT {flag[2:].replace('-', ' ')} (default {value:g})")
         g.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"])
     g.add_argument("--learn-scales", action="store_true", help="learn activation and weight scales (LSQ)")
     g.add_argument("--distill-alpha", type=_number(0, 1), default=d.distill_alpha, help="weight of distillation from the FP32 net, in [0, 1]")
