@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from edgerepvgg._export import (
     BUNDLE_DIR, NO_LABELS, SPEC_FILE, ExportOptions, ExportReport, Images, References, calibration_set, default_evaluation, export,
-    quant_spec_for, references, resolve_model, score,
+    qat_note, quant_spec_for, references, resolve_model, score,
 )  # fmt: skip
 from edgerepvgg.data import DEFAULT_CALIB_LIMIT, TensorDataset
 from edgerepvgg.errors import UserError
@@ -30,6 +30,7 @@ from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import Profile, lookup, resolve, shipped_profiles
 from edgerepvgg.quant.calibrate import CalibrationConfig
 from edgerepvgg.quant.emulate import IntegerNet
+from edgerepvgg.quant.qat import QATConfig, QATResult, fine_tune, training_sets
 from edgerepvgg.quant.spec import QuantSpec, constraints_for, load_spec, model_hash, require_spec_for
 from edgerepvgg.targets import cannot_export, get_target
 from edgerepvgg.torch_device import placed, resolve_device
@@ -65,6 +66,7 @@ class Row:
     native: str = ""  # the vendor tool's own batch-1 figure on the device, e.g. "0.912 ms p50 (trtexec)"
     gates_failed: tuple[str, ...] = ()
     gates_unchecked: tuple[str, ...] = ()
+    quant: str = ""  # INT8 rows: "ptq", "qat", or "ptq kept" (a QAT run that did not beat PTQ)
 
     @classmethod
     def skipped(cls, profile: Profile, status: str, why: str) -> "Row":
@@ -86,6 +88,7 @@ class Comparison:
     model: str
     labelled: bool = True
     strict: bool = False
+    qat: tuple[dict, ...] = ()  # with --qat: one summary per fine-tune (QATResult.summary)
 
     @property
     def errors(self) -> list[Row]:
@@ -152,7 +155,7 @@ def _row(profile: Profile, report: ExportReport, spec: QuantSpec | None, n_convs
         p50_ms=lat["batch1"].p50_ms if "batch1" in lat else None, p90_ms=lat["batch1"].p90_ms if "batch1" in lat else None,
         throughput_ips=tput.throughput if tput else None, throughput_batch=tput.batch if tput else None,
         size_mb=report.artifact.get("size_bytes", 0) / 1e6, timer=HOST_TIMER if "batch1" in lat else "",
-        gates_failed=tuple(failed), gates_unchecked=tuple(unchecked),
+        gates_failed=tuple(failed), gates_unchecked=tuple(unchecked), quant=quant_kind(spec) if report.precision == "int8" else "",
     )  # fmt: skip
 
 
@@ -206,6 +209,8 @@ def compare(
     device: str | None = None,
     calib_limit: int | None = DEFAULT_CALIB_LIMIT,
     workers: int | None = None,
+    qat: QATConfig | None = None,
+    qat_data: str | Path | tuple[TensorDataset, TensorDataset | None] | None = None,
 ) -> Comparison:
     """Run every profile on ``model`` and return the rows.
 
@@ -219,7 +224,11 @@ def compare(
     ``device``: where the PyTorch work runs (calibration, FP32 and emulation logits; the PyTorch
     rows' latency is measured on the CPU whatever it is).
     ``calib_limit``/``workers``: how many images a calibration folder gives (a seeded sample;
-    None: all) and how many processes decode images."""
+    None: all) and how many processes decode images.
+    ``qat``: also fine-tune once per integer scheme the INT8 profiles need (on ``qat_data``, as
+    ``edgerepvgg qat`` reads it; cached by model, starting spec, options and data unless
+    ``cache=False``) and add a ``<profile>-qat`` row per INT8 profile compiled from its scheme's
+    result, beside the PTQ row."""
     names = [p for p in (profiles or []) if not isinstance(p, Profile)]
     chosen = [p for p in (profiles or []) if isinstance(p, Profile)]
     if names:
@@ -233,13 +242,14 @@ def compare(
     with claimed_output_dir(out_dir, "the comparison"):
         return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
                         eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()], device, calib_limit,
-                        workers)  # fmt: skip
+                        workers, qat, qat_data)  # fmt: skip
 
 
 def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
              threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path], device: str | None = None,
-             calib_limit=DEFAULT_CALIB_LIMIT, workers=None) -> Comparison:  # fmt: skip
+             calib_limit=DEFAULT_CALIB_LIMIT, workers=None, qat=None, qat_data=None) -> Comparison:  # fmt: skip
     plain, loaded_train_model = resolve_model(model)
+    qat_sets = _qat_sets(plain, chosen, qat, qat_data)  # refused before any work
     train_model = train_model if train_model is not None else loaded_train_model
     if spec is not None:
         spec = spec if isinstance(spec, QuantSpec) else load_spec(spec)
@@ -259,8 +269,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
     torch_threads = threads or torch.get_num_threads()
 
     def spec_for(profile: Profile, target) -> QuantSpec:
-        c = constraints_for(profile.constraints or target.constraint_set, weight_bits=weight_bits or profile.weight_bits,
-                            cpu_flags=profile.cpu_flags)  # fmt: skip
+        c = _constraints(profile, target.constraint_set, weight_bits)
         if spec is not None:
             if spec.constraints.name != c.name:
                 raise _Skip(f"the given QuantSpec is for the {spec.constraints.name} scheme, this profile needs {c.name}; "
@@ -287,9 +296,10 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
             inputs_cache.append(torch.cat([x for x, _ in data.batches(256)]).numpy())
         return inputs_cache[0]
 
-    bar = tqdm(chosen, desc="compare", unit="target", disable=not progress)
-    for profile in bar:
-        bar.set_postfix_str(profile.name)
+    tuner = _QATRuns(plain, qat, qat_sets, data, fp32_refs, out_dir, cache) if qat_sets is not None else None
+    extra = tuner.steps(chosen, weight_bits, spec) if tuner is not None else 0
+    bar = tqdm(total=len(chosen) + extra, desc="compare", unit="step" if extra else "target", disable=not progress)
+    for profile in _ticking(chosen, bar):
         try:
             why = _skip_reason(profile, plain)
         except UserError as exc:
@@ -319,6 +329,10 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
             rows.append(Row.skipped(profile, "error", str(exc)))
             continue
         rows.append(_row(profile, report, q, n_convs, arch_why))
+        if tuner is not None and q is not None:
+            rows.append(tuner.row(profile, q, options, arch_why, n_convs, bar))
+    bar.update(bar.total - bar.n)  # steps not taken (a profile skipped or stopped early) are done too
+    bar.close()
 
     device_specs: dict[str, QuantSpec] = {}
     for where in results:  # measured on a device: scored exactly like the host rows
@@ -341,10 +355,13 @@ def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, trai
     used = {**device_specs, **(dict(specs) if spec is None else {spec.constraints.name: spec})}
     for name, q in used.items():
         r = refs_for(q)
-        ref_rows.append(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, q), plain, r,
-                                   r.emulation, 16, False, "the referee: what every INT8 target should compute"))  # fmt: skip
+        ref_rows.append(replace(_torch_row(f"emulation-{name}", "PyTorch integer emulation", "int8", IntegerNet(plain, q), plain, r,
+                                           r.emulation, 16, False, "the referee: what every INT8 target should compute"),
+                                quant=quant_kind(q)))  # fmt: skip
+    ref_rows = tuner.with_reference_rows(ref_rows) if tuner is not None else ref_rows
     source = data.source + ("" if data.labelled else f" ({NO_LABELS})")
-    return Comparison(tuple(ref_rows + rows), source, len(data), plain.name, data.labelled, strict)
+    return Comparison(tuple(ref_rows + rows), source, len(data), plain.name, data.labelled, strict,
+                      tuple(tuner.summaries()) if tuner is not None else ())  # fmt: skip
 
 
 def _device_row(where: Path, plain: PlainNet, data: TensorDataset, host: np.ndarray, profiles: list[Profile], n_convs: int,
@@ -398,3 +415,116 @@ def _native(result) -> str:
 
 class _Skip(Exception):
     """A profile that does not apply (its reason becomes the row's ``why``)."""
+
+
+def _constraints(profile: Profile, constraint_set: str, weight_bits: int | None):
+    """The integer scheme of an INT8 ``profile`` whose target's own scheme is ``constraint_set``."""
+    return constraints_for(profile.constraints or constraint_set, weight_bits=weight_bits or profile.weight_bits,
+                           cpu_flags=profile.cpu_flags)  # fmt: skip
+
+
+def _ticking(profiles: list[Profile], bar):
+    """``profiles``, one step of ``bar`` each (counted when the loop moves on, ``continue`` too)."""
+    for profile in profiles:
+        bar.set_postfix_str(profile.name)
+        yield profile
+        bar.update(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# compare --qat: one fine-tune per integer scheme, a QAT row beside every INT8 row
+
+
+def quant_kind(spec: QuantSpec | None) -> str:
+    """How an INT8 build's spec was made, from its provenance: ``ptq``, ``qat``, or ``ptq kept``
+    (a QAT run whose epochs all fell below the PTQ spec it started from)."""
+    if spec is None:
+        return ""
+    run = spec.calibration.get("qat")
+    return "ptq" if run is None else "ptq kept" if run.get("kept") == "ptq" else "qat"
+
+
+def _qat_sets(plain: PlainNet, chosen: list[Profile], qat: QATConfig | None, qat_data):
+    """The (training, held-out) sets of ``compare --qat``, or None without it; refused at once
+    when there is nothing to fine-tune or no labelled data."""
+    if qat is None:
+        return None
+    if not any(p.precision == "int8" for p in chosen):
+        raise UserError("--qat fine-tunes INT8 builds and none of the chosen targets is INT8; add one (e.g. --targets all) or drop --qat")
+    return training_sets(plain, qat_data)
+
+
+class _QATRuns:
+    """The QAT side of a comparison: :func:`fine_tune` once per PTQ spec (one per integer scheme),
+    through the QAT cache, and per INT8 profile a ``<profile>-qat`` row compiled from its scheme's
+    result and scored against the FP32 model before fine-tuning and the QAT spec's emulation."""
+
+    def __init__(self, plain: PlainNet, config: QATConfig, sets, data: TensorDataset, fp32_refs: References, out_dir: Path,
+                 cache: bool | None):  # fmt: skip
+        self.plain, self.config, self.data, self.fp32, self.out_dir, self.cache = plain, config, data, fp32_refs.fp32, out_dir, cache
+        self.train_set, self.held_out = sets
+        self.runs: dict[str, QATResult] = {}  # by the sha256 of the PTQ spec each started from
+        self.refs: dict[str, References] = {}
+
+    def steps(self, profiles: list[Profile], weight_bits: int | None, spec: QuantSpec | None) -> int:
+        """Progress steps the QAT side adds: one per QAT row, one per epoch of each fine-tune."""
+        schemes, rows = set(), 0
+        for p in profiles:
+            try:
+                if p.precision != "int8" or _skip_reason(p, self.plain):
+                    continue
+                name = _constraints(p, get_target(p.backend).constraint_set, weight_bits).name
+            except UserError:  # the loop makes it that profile's row
+                continue
+            if spec is None or spec.constraints.name == name:
+                schemes.add(name)
+                rows += 1
+        return rows + self.config.epochs * len(schemes)
+
+    def result(self, ptq: QuantSpec, bar) -> QATResult:
+        """The QAT run that starts from ``ptq``: fine-tuned (or reused) the first time it is asked for."""
+        if ptq.sha256 not in self.runs:
+            name, done = ptq.constraints.name, [0]
+
+            def tick(record: dict) -> None:
+                done[0] += 1
+                bar.update(1)
+                bar.set_postfix_str(f"QAT for {name}: epoch {record['epoch']}/{self.config.epochs}")
+
+            bar.set_postfix_str(f"QAT for {name}")
+            run = fine_tune(self.plain, ptq, self.train_set, self.held_out, self.config, self.out_dir / f"qat-{name}",
+                            cache=False if self.cache is False else None, on_epoch=tick)  # fmt: skip
+            bar.update(self.config.epochs - done[0])  # reused, or stopped early
+            self.runs[ptq.sha256] = run
+            self.refs[ptq.sha256] = references(run.plain, run.spec, self.data, fp32=self.fp32)
+        return self.runs[ptq.sha256]
+
+    def row(self, profile: Profile, ptq: QuantSpec, options: ExportOptions, arch_why: str, n_convs: int, bar) -> Row:
+        """The ``<profile>-qat`` row: ``profile`` compiled from the QAT result of its scheme."""
+        name = f"{profile.name}-qat"
+        try:
+            run = self.result(ptq, bar)
+            report = export(run.plain, profile, self.out_dir / name, "int8", run.spec, self.data, refs=self.refs[ptq.sha256],
+                            options=options)  # fmt: skip
+        except UserError as exc:
+            return replace(Row.skipped(profile, "error", str(exc)), name=name, quant="qat")
+        finally:
+            bar.update(1)
+        row = _row(profile, report, run.spec, n_convs, arch_why)
+        return replace(row, name=name, why="; ".join(w for w in (row.why, qat_note(run)) if w))
+
+    def with_reference_rows(self, ref_rows: list[Row]) -> list[Row]:
+        """``ref_rows`` with one emulation row per QAT result (the referee of its QAT rows) right
+        below the PTQ emulation row of its scheme."""
+        out = list(ref_rows)
+        for key, run in self.runs.items():
+            r, name = self.refs[key], run.spec.constraints.name
+            row = _torch_row(f"emulation-{name}-qat", "PyTorch integer emulation", "int8", IntegerNet(run.plain, run.spec),
+                             run.plain, r, r.emulation, 16, False,
+                             "the referee of the QAT rows: what their INT8 targets should compute")  # fmt: skip
+            at = next((i + 1 for i, x in enumerate(out) if x.name == f"emulation-{name}"), len(out))
+            out.insert(at, replace(row, quant=quant_kind(run.spec)))
+        return out
+
+    def summaries(self) -> list[dict]:
+        return [run.summary() for run in self.runs.values()]

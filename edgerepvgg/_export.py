@@ -32,6 +32,7 @@ from edgerepvgg.plain import PlainNet
 from edgerepvgg.profiles import PRECISIONS, Profile, lookup
 from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate
 from edgerepvgg.quant.emulate import IntegerNet
+from edgerepvgg.quant.qat import QATConfig, QATResult, fine_tune, training_sets
 from edgerepvgg.quant.spec import Constraints, QuantSpec, constraints_for, load_spec, require_spec_for
 from edgerepvgg.targets import Artifact, FixedBatchRunner, Runner, Target, compile_with_batch, get_target, require_exportable
 from edgerepvgg.torch_device import emulation_device, placed, resolve_device
@@ -337,6 +338,40 @@ def time_runner(runner: Runner, plain: PlainNet, eval_set: TensorDataset | None,
 
 
 # ---------------------------------------------------------------------------------------------
+# QAT in the pipeline (export --qat; compare --qat runs the same per scheme)
+
+
+QAT_DIR = "qat"  # the QAT run of an export, with --no-cache (else it lies in the QAT cache)
+
+
+def qat_note(tuned: QATResult) -> str:
+    """One sentence on a QAT run a build was compiled from: what it kept, on what evidence, and
+    whether it was fine-tuned now or reused."""
+    r = tuned.record
+    how = f"reused from {tuned.folder}" if tuned.reused else f"fine-tuned now (run in {tuned.folder})"
+    epochs = f"{r['epochs_run']} of {r['config']['epochs']} epoch(s)" + (", stopped early" if r.get("stopped_early") else "")
+    if not r.get("checked", True):
+        return f"QAT {epochs} on {r['train_set']}, {how}; last epoch kept unchecked: no held-out set"
+    scores = f"held-out INT8 top-1 on {r['eval_set']}: PTQ {100 * r['ptq_top1']:.2f}%, best QAT {100 * r['qat_top1']:.2f}%"
+    if tuned.kept == "ptq":
+        return f"QAT {epochs} on {r['train_set']}, {how}; no epoch beat PTQ ({scores}), so this is the PTQ build"
+    return f"QAT {epochs} on {r['train_set']}, {how}; kept epoch {r['best_epoch']} ({scores})"
+
+
+def _fine_tuned(plain: PlainNet, spec: QuantSpec, origin: str, train_sets, config: QATConfig, data: TensorDataset | None,
+                refs: References | None, out_dir: Path, cache, progress: bool):  # fmt: skip
+    """``export --qat``: the QAT result (PlainNet, spec) that replaces the PTQ one, its origin in
+    words, references whose FP32 logits stay the model's before fine-tuning, and the run."""
+    train_set, held_out = train_sets
+    tuned = fine_tune(plain, spec, train_set, held_out, config, out_dir / QAT_DIR, cache=False if cache is False else None,
+                      progress=progress)  # fmt: skip
+    if refs is None and data is not None:
+        refs = references(tuned.plain, tuned.spec, data, fp32=predict(plain.eval(), data))
+    kind = "PTQ (QAT did not beat it)" if tuned.kept == "ptq" else f"QAT epoch {tuned.record['best_epoch']}"
+    return tuned.plain, tuned.spec, f"{kind} of {config.epochs} epoch(s) from {origin or 'the PTQ spec'}", refs, tuned
+
+
+# ---------------------------------------------------------------------------------------------
 # The verb
 
 
@@ -354,6 +389,8 @@ def export(
     refs: References | None = None,
     cache: bool | None = None,
     progress: bool = False,
+    qat: QATConfig | None = None,
+    qat_data: str | Path | tuple[TensorDataset, TensorDataset | None] | None = None,
 ) -> ExportReport:
     """Compile ``model`` for ``target``, check it, time it, and write ``report.json`` beside the
     artifact in ``out_dir`` (default ``export/<profile or target-precision>``).
@@ -363,7 +400,10 @@ def export(
     defaults to the profile's, else ``int8`` when a ``spec`` is given, else ``fp32``. INT8 uses
     ``spec`` or calibrates for the target's scheme on ``images``. ``eval_set``: labelled images
     (a data set or a folder), ``False`` for no check; by default the model's own test set, or,
-    without one, agreement only on the calibration images.
+    without one, agreement only on the calibration images. ``qat``: fine-tune the INT8 spec
+    (:func:`edgerepvgg.quant.qat.fine_tune`, cached unless ``cache=False``) on ``qat_data`` (as
+    ``edgerepvgg qat`` reads it) and compile the better of PTQ and QAT; accuracy stays measured
+    against the FP32 model before fine-tuning.
     """
     target, profile, options = resolve_target(target, options)
     precision = precision or (profile.precision if profile else "int8" if spec is not None else "fp32")
@@ -375,16 +415,20 @@ def export(
         raise UserError(f"a QuantSpec is for INT8 builds, this one is {precision}; drop the spec or build int8")
     if precision not in target.precisions:
         raise UserError(f"target {target.name!r} builds {', '.join(target.precisions)}, not {precision!r}")
+    if qat is not None and precision != "int8":
+        raise UserError(f"--qat fine-tunes an INT8 build, this one is {precision}; add --int8 or drop --qat")
     require_exportable(target)  # before the model is loaded and calibrated
     out_dir = Path(out_dir or f"export/{profile.name if profile else f'{target.name}-{precision}'}")
     with claimed_output_dir(out_dir, "the artifact and report"):
         return _export(model, target, out_dir, precision, spec, eval_set, images, calibration, options, refs, cache, progress,
-                       profile.name if profile else None)  # fmt: skip
+                       profile.name if profile else None, qat, qat_data)  # fmt: skip
 
 
 def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set, images, calibration,
-            options: ExportOptions, refs: References | None, cache, progress: bool, profile_name: str | None) -> ExportReport:  # fmt: skip
+            options: ExportOptions, refs: References | None, cache, progress: bool, profile_name: str | None,
+            qat: QATConfig | None = None, qat_data=None) -> ExportReport:  # fmt: skip
     plain, _ = resolve_model(model)
+    train_sets = training_sets(plain, qat_data) if qat is not None else None  # refused before any work
     if images is not None or (precision == "int8" and spec is None):  # read once: calibration and fallback
         images = calibration_set(plain, images, options.calib_limit, options.workers)
     origin = ""
@@ -392,6 +436,9 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
         spec, origin = quant_spec_for(plain, options.constraints or target.constraint_set, spec, images, calibration,
                                       options.weight_bits, cache, progress, options.cpu_flags, options.device)  # fmt: skip
     data = default_evaluation(plain, eval_set, images, options.eval_limit, options.workers)
+    tuned = None
+    if train_sets is not None:
+        plain, spec, origin, refs, tuned = _fine_tuned(plain, spec, origin, train_sets, qat, data, refs, out_dir, cache, progress)
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     notes = list(artifact.info.get("notes", ()))
     if options.on_device:
@@ -430,6 +477,9 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
         quant = {"constraints": spec.constraints.name, "spec_sha256": spec.sha256, "calibration": spec.calibration,
                  "origin": origin, "float_layers": [layer.name for layer in spec.layers if layer.precision == "float"],
                  "file": SPEC_FILE}  # fmt: skip
+        if tuned is not None:
+            quant["qat"] = tuned.summary()
+            notes.append(qat_note(tuned))
         write_text_atomic(out_dir / SPEC_FILE, spec.to_json() + "\n")  # what a device result is scored against
     if options.bundle:
         if data is None:

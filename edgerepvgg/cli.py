@@ -189,6 +189,37 @@ def _recipe_args(s: argparse.ArgumentParser, defaults) -> None:
     g.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
 
 
+def _qat_args(s: argparse.ArgumentParser, pipeline: bool = False) -> None:
+    """The QAT flags of ``qat``; ``pipeline``: those of ``export``/``compare``, where ``--qat
+    EPOCHS`` turns fine-tuning on, with its data and the recipe flags (no --epochs/--threads/--resume)."""
+    from edgerepvgg.quant.qat import QATConfig
+
+    d = QATConfig()
+    g = s.add_argument_group("quantization-aware fine-tuning" + (" (with --qat)" if pipeline else ""))
+    if pipeline:
+        g.add_argument("--qat", type=POSITIVE, metavar="EPOCHS", help="fine-tune each INT8 scheme for EPOCHS epochs after "
+                       "calibrating and compile from the better of PTQ and QAT (cached: a re-run reuses it)")  # fmt: skip
+        g.add_argument("--data", help="labelled training data for --qat: 'fashion-mnist', a folder of its IDX files, or a folder "
+                       "with train/ [val/] class subfolders (default: fashion-mnist for Fashion-MNIST models)")  # fmt: skip
+        for flag, kind, value in (("--batch-size", POSITIVE, d.batch_size), ("--lr", _number(0, lo_open=True), d.lr),
+                                  ("--weight-decay", _number(0), d.weight_decay), ("--warmup-epochs", _number(0), d.warmup_epochs),
+                                  ("--seed", _whole(0), d.seed)):  # fmt: skip
+            g.add_argument(flag, type=kind, default=value, help=f"QAT {flag[2:].replace('-', ' ')} (default {value:g})")
+        g.add_argument("--optimizer", default=d.optimizer, choices=["sgd", "adamw"])
+    g.add_argument("--learn-scales", action="store_true", help="learn activation and weight scales (LSQ)")
+    g.add_argument("--distill-alpha", type=_number(0, 1), default=d.distill_alpha, help="weight of distillation from the FP32 net, in [0, 1]")
+    g.add_argument("--temperature", type=_number(0, lo_open=True), default=d.temperature, help="distillation temperature")
+    g.add_argument("--patience", type=POSITIVE, metavar="N", help="stop after N epochs without a better held-out INT8 top-1 "
+                   "(default: run every epoch; the best epoch is kept either way)")  # fmt: skip
+
+
+def _qat_config(args: argparse.Namespace):
+    """The QATConfig of ``export``/``compare --qat EPOCHS``, or None without --qat."""
+    from edgerepvgg.quant.qat import QATConfig
+
+    return None if args.qat is None else dataclasses.replace(_recipe(args, QATConfig), epochs=args.qat)
+
+
 def _recipe(args: argparse.Namespace, cls):
     """A recipe config from the flags that name its fields."""
     return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
@@ -398,7 +429,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     plain, _ = _plain(args)
     report = export(plain, args.target, args.output, "int8" if args.int8 else args.precision, args.spec,
                     False if args.no_eval else args.eval_images, images=args.images, calibration=_calibration(args),
-                    options=options, cache=_cache(args), progress=not args.quiet)  # fmt: skip
+                    options=options, cache=_cache(args), progress=not args.quiet, qat=_qat_config(args),
+                    qat_data=args.data)  # fmt: skip
     print(export_text(report))
     print(f"wrote {report.out_dir / REPORT_FILE}")
     return EXIT_OK
@@ -406,7 +438,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from edgerepvgg._compare import compare
-    from edgerepvgg.report import table_rows, text_table, write_comparison
+    from edgerepvgg.report import qat_runs_text, table_rows, text_table, write_comparison
 
     names = [n for item in (args.targets or []) for n in item.split(",") if n] + list(args.profiles or [])
     plain, train_model = _plain(args)
@@ -414,10 +446,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                      calibration=_calibration(args), spec=args.spec, weight_bits=args.weight_bits, threads=args.threads,
                      eval_limit=args.eval_limit, strict=args.strict, cache=_cache(args), progress=not args.quiet,
                      bundles=args.bundles, results=args.results, device=args.device, calib_limit=_calib_limit(args),
-                     workers=args.workers)  # fmt: skip
+                     workers=args.workers, qat=_qat_config(args), qat_data=args.data)  # fmt: skip
     header, body = table_rows(result)
     print(f"{plain.name} on {result.eval_images} images of {result.eval_source}")
     print(text_table(header, body))
+    if result.qat:
+        print(qat_runs_text(result.qat))
     for r in result.rows:
         if r.status not in ("ok", "reference") and r.why:
             print(f"{r.name}: {r.status}: {r.why}")
@@ -514,9 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: fashion-mnist for Fashion-MNIST models)")  # fmt: skip
     _calibration_args(s, spec=True, constraints="tensorrt")
     _recipe_args(s, QATConfig())
-    s.add_argument("--learn-scales", action="store_true", help="learn activation and weight scales (LSQ)")
-    s.add_argument("--distill-alpha", type=_number(0, 1), default=QATConfig().distill_alpha, help="weight of distillation from the FP32 net, in [0, 1]")
-    s.add_argument("--temperature", type=_number(0, lo_open=True), default=QATConfig().temperature, help="distillation temperature")
+    _qat_args(s)
     _device_args(s, "fine-tuning runs, in float32", torchrun=True)
     _output(s, "runs/qat", "output folder: last.pt every epoch, model.safetensors + quant_spec.json at the end (default runs/qat)")
 
@@ -539,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "and build flags (default: the profile's, else the installed one, else 10+)")  # fmt: skip
     s.add_argument("--fixed-batch", type=POSITIVE, metavar="N", help="fix the artifact's batch dimension to N (default: dynamic); "
                    "it is then checked and timed at batch N")  # fmt: skip
+    _qat_args(s, pipeline=True)
     _output(s, None, "output folder (default export/TARGET-PRECISION or export/PROFILE)")
 
     s = command("compare", cmd_compare, "every target side by side: accuracy, agreement, INT8 coverage, latency; table + JSON/CSV/MD/PNG, gates")
@@ -554,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--bundles", action="store_true", help="also write a device bundle per target (OUTPUT/PROFILE/bundle)")
     s.add_argument("--results", nargs="+", metavar="DIR", help="device results (BUNDLE/result) to score beside the host rows; "
                    "alone (no --targets/--profiles), only they are compared")  # fmt: skip
+    _qat_args(s, pipeline=True)
     _output(s, "compare", "output folder (default compare)")
 
     s = command("targets", cmd_targets, "list the targets and whether each runs here (and why not)")

@@ -61,13 +61,28 @@ def mixed_precision_text(record: dict, trace: list[dict], max_drop: float, eval_
 
 
 def qat_text(plain, spec, metrics: dict, train_set, eval_set) -> str:
-    """What ``edgerepvgg qat`` says: where it started, top-1 before and after, what it wrote."""
+    """What ``edgerepvgg qat`` says: where it started, top-1 before and after, which result it
+    kept (the better of PTQ and QAT on the held-out set) and why."""
     lines = [f"fine-tuned {plain.name} for {scheme_text(spec.constraints)} on {train_set.source}, starting from {metrics['start']}"]
+    if metrics.get("stopped_early"):
+        lines.append(f"stopped early after {metrics['epochs_run']} epoch(s): no better held-out top-1 (--patience)")
     if "qat_top1" in metrics:
         lines += [f"top-1 on {len(eval_set)} images of {metrics['eval_set']}: FP32 {_pct(metrics['fp32_top1'])}, "
-                  f"PTQ {_pct(metrics['ptq_top1'])}, QAT {_pct(metrics['qat_top1'])} (quantized: integer emulation)",
+                  f"PTQ {_pct(metrics['ptq_top1'])}, QAT {_pct(metrics['qat_top1'])} at its best epoch {metrics['best_epoch']} "
+                  f"of {metrics['epochs_run']} (quantized: integer emulation)",
                   f"the exported spec reproduces {_pct(metrics['emulation_agreement'])} of the fake-quant model's top-1"]  # fmt: skip
+    lines.append(kept_text(metrics))
     return "\n".join(lines)
+
+
+def kept_text(record: dict) -> str:
+    """One line: which INT8 result a QAT run kept (``kept``: qat or ptq) and on what evidence."""
+    if record["kept"] == "ptq":
+        return (f"kept PTQ: no QAT epoch beat it on the held-out set (best QAT {_pct(record.get('qat_top1'))} < "
+                f"PTQ {_pct(record.get('ptq_top1'))}); the PTQ model and QuantSpec were written")  # fmt: skip
+    if not record.get("checked", True):
+        return f"kept QAT (epoch {record['best_epoch']}), unchecked: no held-out set to compare it with PTQ"
+    return f"kept QAT: epoch {record['best_epoch']}, the best on the held-out set and not below PTQ"
 
 
 def targets_text(rows) -> str:
@@ -154,11 +169,33 @@ COLUMNS = (("target", "name", ""), ("backend", "backend", ""), ("precision", "pr
            ("timer", "timer", ""), ("native b1", "native", ""), ("img/s", "throughput_ips", "ips"), ("batch", "throughput_batch", ""), ("MB", "size_mb", "mb"), ("status", "status", ""))  # fmt: skip
 
 
+QUANT_COLUMN = ("quant", "quant", "")  # after precision, in comparisons with QAT rows: ptq / qat / ptq kept
+
+
 def table_rows(comparison: "Comparison") -> tuple[list[str], list[list[str]]]:
-    """Header and formatted cells, shared by the console table, Markdown and CSV."""
-    header = [c[0] for c in COLUMNS]
-    body = [[_fmt(getattr(r, attr), kind) if attr else "" for _, attr, kind in COLUMNS] for r in comparison.rows]
+    """Header and formatted cells, shared by the console table, Markdown and CSV. A comparison
+    with QAT rows (``compare --qat``) gets a ``quant`` column: each INT8 target's PTQ row is
+    followed by its QAT row, so the two read side by side."""
+    columns = COLUMNS
+    if any(r.quant not in ("", "ptq") for r in comparison.rows):
+        at = [c[1] for c in COLUMNS].index("precision") + 1
+        columns = (*COLUMNS[:at], QUANT_COLUMN, *COLUMNS[at:])
+    header = [c[0] for c in columns]
+    body = [[_fmt(getattr(r, attr), kind) if attr else "" for _, attr, kind in columns] for r in comparison.rows]
     return header, body
+
+
+def qat_runs_text(runs) -> str:
+    """The fine-tunes behind a comparison's QAT rows, one line each: scheme, epochs, held-out
+    INT8 top-1 of PTQ and of the best QAT epoch, which was kept, and whether it was reused."""
+    lines = ["QAT (each scheme fine-tuned once; its QAT rows compiled from the kept result):"]
+    for r in runs:
+        scores = (f"held-out top-1 PTQ {_pct(r.get('ptq_top1'))}, best QAT {_pct(r.get('qat_top1'))} (epoch {r['best_epoch']})"
+                  if r.get("checked", True) else "no held-out set")  # fmt: skip
+        kept = "kept PTQ (QAT did not beat it)" if r["kept"] == "ptq" else "kept QAT"
+        how = "reused from the cache" if r["reused"] else f"fine-tuned {r['epochs_run']}/{r['epochs']} epoch(s)"
+        lines.append(f"  {r['scheme']}: {how}; {scores}; {kept}")
+    return "\n".join(lines)
 
 
 def plot_points(comparison: "Comparison") -> list[tuple[str, float, float]]:
@@ -193,6 +230,8 @@ def write_comparison(comparison: "Comparison", out_dir: str | Path) -> dict[str,
     machine = machine_info()
     data = {"model": comparison.model, "eval_source": comparison.eval_source, "eval_images": comparison.eval_images,
             "failed": comparison.failed, "machine": machine, "rows": [r.to_dict() for r in comparison.rows]}  # fmt: skip
+    if comparison.qat:
+        data["qat"] = list(comparison.qat)
     paths = {"json": out_dir / "compare.json", "csv": out_dir / "compare.csv", "md": out_dir / "compare.md", "png": out_dir / "compare.png"}
     write_text_atomic(paths["json"], json.dumps(data, indent=1) + "\n")
     buf = io.StringIO()
@@ -207,6 +246,8 @@ def write_comparison(comparison: "Comparison", out_dir: str | Path) -> dict[str,
           f"throughput at the batch shown. Measured on {machine['cpu']} ({machine['cores_usable']} cores, "
           f"{', '.join(machine['isa']) or 'no listed ISA extensions'}), {machine['date']}.", "",
           markdown_table(header, body), "", *notes, ""]  # fmt: skip
+    if comparison.qat:
+        md += ["```", qat_runs_text(comparison.qat), "```", ""]
     write_text_atomic(paths["md"], "\n".join(md))
     if missing("matplotlib"):  # the figures are all in the other files; the plot is optional
         log.warning("no %s: %s", paths.pop("png"), install_hint("matplotlib", "plots"))

@@ -1,10 +1,13 @@
-"""QAT: it recovers what PTQ loses, partial fusion is exact, the exported spec reproduces the
+"""QAT: it recovers what PTQ loses, and never hands back less (the best epoch is kept, PTQ when
+no epoch beats it, early stopping), partial fusion is exact, the exported spec reproduces the
 trained fake-quant model, resume is exact, torchrun's two processes equal one, bad input is a
 UserError. Tiny problem: an A0 trained for a few seconds on 16x16 five-class band images."""
 
 from __future__ import annotations
 
 import copy
+import json
+import logging
 import os
 import subprocess
 import sys
@@ -23,7 +26,7 @@ from edgerepvgg.quant.calibrate import calibrate
 from edgerepvgg.quant.emulate import IntegerNet
 from edgerepvgg.quant.observers import weight_scales
 from edgerepvgg.quant.qat import (
-    MODEL_FILE, SPEC_FILE, ActQuant, QATConfig, QATNet, WeightQuant, conv_statistics, plain_to_repvgg, qat,
+    MODEL_FILE, RECORD_FILE, SPEC_FILE, ActQuant, QATConfig, QATNet, WeightQuant, conv_statistics, plain_to_repvgg, qat,
     starting_images,
 )  # fmt: skip
 from edgerepvgg.train import STATE_FILE, Dist, TrainConfig, train
@@ -83,6 +86,8 @@ def test_qat_recovers_what_ptq_loses(trained, tmp_path, learn):
     assert m["fp32_top1"] == 1.0
     assert m["ptq_top1"] <= 0.8, m  # the coarse grid hurts ...
     assert m["qat_top1"] >= 0.9 and m["qat_top1"] >= m["ptq_top1"] + 0.15, m  # ... and fine-tuning wins it back
+    assert m["kept"] == "qat" and json.loads((tmp_path / RECORD_FILE).read_text())["kept"] == "qat"  # the better one
+    assert fine_spec.calibration["qat"]["kept"] == "qat" and not m["stopped_early"]
     # The reported numbers are the integer emulation of the returned PlainNet + spec ...
     assert top1(IntegerNet(fine, fine_spec), eval_set) == m["qat_top1"]
     assert m["emulation_agreement"] >= 0.99
@@ -97,6 +102,126 @@ def test_qat_recovers_what_ptq_loses(trained, tmp_path, learn):
     assert moved == learn  # LSQ moved the scales; fixed ones stay (as float32, what targets store)
     for before, after in zip([*plain.convs, plain.head], [*fine.convs, fine.head]):  # every layer was trained
         assert not torch.equal(before.weight, after.weight) and not torch.equal(before.bias, after.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# The better of PTQ and QAT, never a worse one
+
+
+def test_qat_that_hurts_writes_the_ptq_result_and_says_so(trained, tmp_path, caplog):
+    """The issue's case in small: PTQ (int8) already at 100%, QAT with a harmful learning rate
+    (AdamW at 0.5 wrecks every weight in the first steps) ends far below it; the PTQ model and
+    spec are what is written, with a warning on stderr and "ptq" in every record, exit 0."""
+    plain, ckpt, train_set, eval_set = trained
+    spec = calibrate(plain, train_set, "tensorrt", "minmax", progress=False, cache=False)
+    config = QATConfig(epochs=2, lr=0.5, distill_alpha=0.0, **FAST)
+    with caplog.at_level(logging.WARNING, logger="edgerepvgg.quant.qat"):
+        fine, fine_spec, m = qat(plain, spec, train_set, eval_set, config, tmp_path / "lib", progress=False)
+    assert m["ptq_top1"] == 1.0 and m["qat_top1"] <= 0.6, m  # QAT provably degraded ...
+    assert m["kept"] == "ptq" and [h["epoch"] for h in m["history"]] == [1, 2]  # ... so PTQ is the result
+    assert any("did not beat PTQ" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    record = json.loads((tmp_path / "lib" / RECORD_FILE).read_text())
+    assert record["kept"] == "ptq" and record["ptq_top1"] == 1.0 and record["qat_top1"] == m["qat_top1"]
+    # What is written is the PTQ model and spec: the same weights, the same scales, provenance saying why.
+    written = load_spec(tmp_path / "lib" / SPEC_FILE)
+    assert written == fine_spec and written.calibration["qat"]["kept"] == "ptq"
+    assert (written.layers, written.pool, written.output, written.model_hash) == (spec.layers, spec.pool, spec.output, spec.model_hash)
+    model, meta = load_checkpoint(tmp_path / "lib" / MODEL_FILE)
+    assert model_hash(fuse(model, meta.input_spec)[0]) == model_hash(plain) == model_hash(fine)
+    assert meta.extra["qat"]["kept"] == "ptq"
+    assert top1(IntegerNet(fine, fine_spec), eval_set) == 1.0
+    # The CLI: exit 0 (the user asked for the best INT8 model), one warning line, the result named.
+    data = tmp_path / "data"
+    data.mkdir()
+    for prefix, n, seed in (("train", 64, 0), ("t10k", 64, 1)):
+        images, labels = synthetic_images(n, classes=5, seed=seed)
+        write_idx(data / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
+    args = ["qat", str(ckpt), "--data", str(data), "--epochs", "1", "--lr", "0.5", "--batch-size", "32", "--distill-alpha", "0",
+            "--method", "minmax", "--no-cache", "--threads", "1", "--out", str(tmp_path / "cli")]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-m", "edgerepvgg", "-q", *args], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning = [line for line in done.stderr.splitlines() if line.strip()]
+    assert len(warning) == 1 and warning[0].startswith("WARNING") and "did not beat PTQ" in warning[0], done.stderr
+    assert "kept PTQ" in done.stdout and json.loads((tmp_path / "cli" / RECORD_FILE).read_text())["kept"] == "ptq"
+
+
+def _scripted(monkeypatch, scores: list[float]) -> list:
+    """Make the held-out scores ``scores`` (PTQ first, then one per epoch) and record every
+    (PlainNet, spec) scored: the keep-the-best logic, tested on its own."""
+    import edgerepvgg.quant.qat as qat_module
+
+    scored, it = [], iter(scores)
+
+    def fake(plain, spec, eval_set):
+        scored.append((copy.deepcopy(plain), spec))
+        return next(it)
+
+    monkeypatch.setattr(qat_module, "_emulated_top1", fake)
+    return scored
+
+
+def test_the_best_epoch_is_kept_not_the_last(trained, tmp_path, monkeypatch):
+    plain, _, train_set, eval_set = trained
+    small = TensorDataset(train_set.images[:64], train_set.labels[:64], SPEC16, "bands[:64]")
+    spec = calibrate(plain, small, W5A5, "minmax", progress=False, cache=False)
+    scored = _scripted(monkeypatch, [0.5, 0.6, 0.9, 0.7])
+    fine, fine_spec, m = qat(plain, spec, small, eval_set, QATConfig(epochs=3, lr=1e-3, **FAST), tmp_path, progress=False)
+    assert (m["kept"], m["best_epoch"], m["qat_top1"], m["ptq_top1"]) == ("qat", 2, 0.9, 0.5)
+    assert [h["eval_top1"] for h in m["history"]] == [0.6, 0.9, 0.7]
+    epoch2_plain, epoch2_spec = scored[2]  # what epoch 2 exported, and what was scored as 0.9
+    assert model_hash(fine) == model_hash(epoch2_plain) != model_hash(scored[3][0])  # epoch 2's weights, not epoch 3's
+    assert fine_spec.layers == epoch2_spec.layers and fine_spec.pool == epoch2_spec.pool
+    assert load_spec(tmp_path / SPEC_FILE) == fine_spec
+
+
+@pytest.mark.parametrize("scores, patience, run, kept, best", [
+    ([0.8, 0.7, 0.6, 0.9, 0.9, 0.9], 2, 2, "ptq", 1),  # nothing beats PTQ (epoch 0) for 2 epochs: stop
+    ([0.5, 0.6, 0.55, 0.6, 0.9, 0.9], 2, 3, "qat", 1),  # a tie is no improvement
+    ([0.5, 0.6, 0.55, 0.7, 0.65, 0.66], 2, 5, "qat", 3),  # an improvement restarts the count
+])  # fmt: skip
+def test_patience_stops_early_and_keeps_the_best(trained, tmp_path, monkeypatch, scores, patience, run, kept, best):
+    plain, _, train_set, eval_set = trained
+    small = TensorDataset(train_set.images[:64], train_set.labels[:64], SPEC16, "bands[:64]")
+    spec = calibrate(plain, small, W5A5, "minmax", progress=False, cache=False)
+    _scripted(monkeypatch, scores)
+    config = QATConfig(epochs=5, lr=1e-3, patience=patience, **FAST)
+    fine, fine_spec, m = qat(plain, spec, small, eval_set, config, tmp_path, progress=False)
+    assert len(m["history"]) == m["epochs_run"] == run and m["stopped_early"] == (run < 5)
+    assert (m["kept"], m["best_epoch"]) == (kept, best)
+    assert (model_hash(fine) == model_hash(plain)) == (kept == "ptq")
+    with pytest.raises(UserError, match="--patience watches the held-out top-1"):
+        qat(plain, spec, small, None, config, tmp_path / "none", progress=False)
+    with pytest.raises(UserError, match="--patience must be a whole number"):
+        QATConfig(patience=0)
+
+
+def test_resume_keeps_the_best_epoch_from_before_the_interruption(trained, tmp_path, monkeypatch):
+    import edgerepvgg.quant.qat as qat_module
+
+    plain, _, train_set, eval_set = trained
+    small = TensorDataset(train_set.images[:64], train_set.labels[:64], SPEC16, "bands[:64]")
+    spec = calibrate(plain, small, W5A5, "minmax", progress=False, cache=False)
+    config = QATConfig(epochs=3, lr=1e-3, **FAST)
+    scored = _scripted(monkeypatch, [0.5, 0.9, 0.6])  # epoch 1 is the best, then the run is killed after epoch 2
+    real, calls = qat_module.save_state, []
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(qat_module, "save_state", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        qat(plain, spec, small, eval_set, config, tmp_path, progress=False)
+    monkeypatch.setattr(qat_module, "save_state", real)
+    epoch1 = model_hash(scored[1][0])
+    _scripted(monkeypatch, [0.5, 0.7])  # PTQ again, then epoch 3
+    fine, _, m = qat(plain, spec, small, eval_set, config, tmp_path, resume=True, progress=False)
+    assert [h["eval_top1"] for h in m["history"]] == [0.9, 0.6, 0.7]
+    assert (m["kept"], m["best_epoch"], m["qat_top1"]) == ("qat", 1, 0.9) and model_hash(fine) == epoch1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,34 +498,49 @@ def test_torchrun_two_processes_match_one(trained, tmp_path):
         images, labels = synthetic_images(n, classes=5, seed=seed)
         write_idx(data / f"{prefix}-images-idx3-ubyte", images)
         write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
-    args = ["qat", str(ckpt), "--data", str(data), "--epochs", "1", "--batch-size", "32", "--optimizer", "sgd",
+    # Two epochs with --patience 1: PTQ is at 100% here, so no epoch can beat it and both runs stop
+    # after the first; rank 0 decides and rank 1 must stop with it (or the job would hang).
+    args = ["qat", str(ckpt), "--data", str(data), "--epochs", "2", "--patience", "1", "--batch-size", "32", "--optimizer", "sgd",
             "--lr", "0.001", "--method", "minmax", "--learn-scales", "--threads", "1", "--no-cache"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "edgerepvgg"]
     done = subprocess.run(cmd + args + ["--out", str(tmp_path / "ddp")], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1 and done.stdout.count("top-1 on 32 images") == 1, done.stdout  # rank 1 is silent
-    assert done.stderr.count("INFO edgerepvgg.train: epoch 1/1") == 1, done.stderr[-3000:]  # rank 1: no log ...
+    assert done.stderr.count("INFO edgerepvgg.train: epoch 1/2") == 1, done.stderr[-3000:]  # rank 1: no log ...
     assert done.stderr.count("calibrating:   0%") == 1, done.stderr[-3000:]  # ... and no progress bar
 
     assert main(["-q"] + args + ["--out", str(tmp_path / "one")]) == 0
-    one, ddp = load_file(str(tmp_path / "one" / MODEL_FILE)), load_file(str(tmp_path / "ddp" / MODEL_FILE))
-    start = plain_to_repvgg(trained[0]).state_dict()
-    assert one.keys() == ddp.keys() == start.keys()
+    # What was trained (the QATNet in last.pt, learned scales included), whichever result was kept.
+    (one, h1), (ddp, h2) = ((s["model"], s["history"]) for s in (torch.load(tmp_path / d / STATE_FILE, weights_only=True)
+                                                                   for d in ("one", "ddp")))  # fmt: skip
+    assert one.keys() == ddp.keys() and any(k.startswith("inputs.") and k.endswith(".scale") for k in one)
+    plain = trained[0]
+    start = {**{f"convs.{i}.conv.weight": c.weight.detach() for i, c in enumerate(plain.convs)}, "head.weight": plain.head.weight.detach()}
     # Gloo sums the two half-batch gradients in another order than one process sums the whole
     # batch: the runs agree to float rounding, a few millionths of the distance training moved the
     # weights (a rank that used the wrong shard, or gradients not averaged, would be ~1x apart).
-    moved = sum(float((one[k] - start[k]).square().sum()) for k in one) ** 0.5
-    apart = sum(float((ddp[k] - one[k]).square().sum()) for k in one) ** 0.5
-    assert apart < 1e-4 * moved, (apart, moved)
+    moved = sum(float((one[k] - start[k]).square().sum()) for k in start) ** 0.5
+    apart = sum(float((ddp[k] - one[k]).float().square().sum()) for k in one) ** 0.5
+    assert 0 < apart < 1e-4 * moved, (apart, moved)  # not bitwise equal: the comparison is not vacuous
     for k in one:
         torch.testing.assert_close(ddp[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
-    s1, s2 = (load_spec(tmp_path / d / SPEC_FILE) for d in ("one", "ddp"))
-    assert s2.model_hash != s1.model_hash  # not bitwise equal: the comparison above is not vacuous
-    assert _scales(s2) == pytest.approx(_scales(s1), rel=1e-5, abs=1e-7)
-    h1, h2 = (torch.load(tmp_path / d / STATE_FILE, weights_only=True)["history"] for d in ("one", "ddp"))
     assert [h["images"] for h in h2] == [h["images"] for h in h1] == [64]  # each image once per epoch, not twice
     assert [h["loss"] for h in h2] == pytest.approx([h["loss"] for h in h1], rel=1e-5)
+    # Both made the same decision on the same evidence, and wrote what it says.
+    r1, r2 = (json.loads((tmp_path / d / RECORD_FILE).read_text()) for d in ("one", "ddp"))
+    assert (r1["kept"], r1["ptq_top1"]) == (r2["kept"], r2["ptq_top1"]) and r1["qat_top1"] == pytest.approx(r2["qat_top1"], abs=1 / 32)
+    assert r1["ptq_top1"] == 1.0 and r1["stopped_early"] and r2["stopped_early"] and "train: epoch 2/2" not in done.stderr
+    s1, s2 = (load_spec(tmp_path / d / SPEC_FILE) for d in ("one", "ddp"))
+    f1, f2 = (load_file(str(tmp_path / d / MODEL_FILE)) for d in ("one", "ddp"))
+    if r1["kept"] == "ptq":  # PTQ: the starting model, bit for bit, and its spec
+        original = plain_to_repvgg(plain).state_dict()
+        assert all(torch.equal(f1[k], original[k]) and torch.equal(f2[k], original[k]) for k in original)
+        assert s1.layers == s2.layers and s1.model_hash == s2.model_hash == model_hash(plain)
+    else:
+        assert s2.model_hash != s1.model_hash and _scales(s2) == pytest.approx(_scales(s1), rel=1e-5, abs=1e-7)
+        for k in f1:
+            torch.testing.assert_close(f2[k], f1[k], rtol=1e-5, atol=1e-6, msg=k)
 
 
 def _scales(spec) -> list[float]:

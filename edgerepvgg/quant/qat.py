@@ -34,15 +34,27 @@ PlainNet + QuantSpec reproduce the fake-quant model up to float32 accumulation i
 **Distillation.** The loss is ``(1 - alpha) * CE(labels) + alpha * T^2 * KL(teacher_T || student_T)``
 with the FP32 PlainNet as teacher and both logits softened by the temperature ``T``.
 
+**The best INT8 model, never a worse one.** With a held-out set, every epoch is scored as the
+integer emulation of the spec it exports (:class:`IntegerNet`, what every target computes), and
+the best epoch is kept, not the last. PTQ, the spec QAT started from, is scored the same way
+first: when no epoch beats it, the PTQ model and spec are written instead, with a warning and
+``"kept": "ptq"`` in the run's record (``qat.json``, the checkpoint's metadata and the spec's
+provenance). ``patience`` stops a run after that many epochs without a better held-out top-1.
+
 The epoch loop, its per-epoch seeding, resumable checkpoints and data-parallel mode under
-``torchrun`` are the trainer's (:func:`edgerepvgg.train.run_epochs`).
+``torchrun`` are the trainer's (:func:`edgerepvgg.train.run_epochs`). :func:`fine_tune` is QAT as
+``export --qat`` and ``compare --qat`` run it: through an on-disk cache of finished runs.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import logging
 import math
+import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -50,18 +62,21 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from edgerepvgg.checkpoints import meta_for, save_checkpoint
-from edgerepvgg.data import TensorDataset, calibration_images, stratified_subset
+from edgerepvgg.checkpoints import load_checkpoint, meta_for, save_checkpoint
+from edgerepvgg.data import TensorDataset, calibration_images, default_training_data, labelled_sets, stratified_subset
 from edgerepvgg.errors import UserError
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg.inputs import is_fashion_mnist_spec
+from edgerepvgg.io import write_text_atomic
 from edgerepvgg.models import RepVGG, create_model, resolve_variant
 from edgerepvgg.models.blocks import fold_bn
 from edgerepvgg.plain import PlainNet
-from edgerepvgg.quant.calibrate import CalibrationConfig, calibrate, save_spec
+from edgerepvgg.quant.calibrate import CalibrationConfig, cache_dir, calibrate, fingerprint, save_spec
 from edgerepvgg.quant.emulate import IntegerNet, round_mode
 from edgerepvgg.quant.observers import weight_scales
-from edgerepvgg.quant.spec import Constraints, QuantSpec, TensorQuant, model_hash, require_spec_for, resolve_constraints
+from edgerepvgg.quant.spec import (
+    Constraints, QuantSpec, TensorQuant, load_spec, model_hash, require_spec_for, resolve_constraints,
+)  # fmt: skip
 from edgerepvgg.torch_device import require_float64
 from edgerepvgg.train import (
     MODEL_FILE, STATE_FILE, init_distributed, make_optimizer, resume_run, run_epochs, save_state, validate_recipe,
@@ -70,12 +85,14 @@ from edgerepvgg.train import (
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "MODEL_FILE", "SPEC_FILE", "ActQuant", "FrozenConvBN", "QATConfig", "QATNet", "WeightQuant", "conv_statistics",
-    "distill_loss", "plain_to_repvgg", "qat", "qat_metrics",
+    "MODEL_FILE", "RECORD_FILE", "SPEC_FILE", "ActQuant", "FrozenConvBN", "QATConfig", "QATNet", "QATResult",
+    "WeightQuant", "conv_statistics", "distill_loss", "fine_tune", "plain_to_repvgg", "qat", "qat_cache_dir", "qat_key",
+    "training_sets",
 ]  # fmt: skip
 
 CALIBRATION_SAMPLE = 256  # training images that calibrate the starting spec when nothing else is given
 SPEC_FILE = "quant_spec.json"
+RECORD_FILE = "qat.json"  # the run's record, written last: which result was kept and why
 _MIN_SCALE = 1e-12  # a learned scale is used as |s|, never below this
 
 
@@ -97,11 +114,14 @@ class QATConfig:
     erase_prob: float = 0.0
     stats_images: int = 512  # training images that set the re-inserted BN statistics
     seed: int = 0
+    patience: int | None = None  # stop after this many epochs without a better held-out top-1 (None: run them all)
 
     def __post_init__(self) -> None:
         validate_recipe(self)
         if self.stats_images < 1:
             raise UserError(f"stats images must be at least 1, got {self.stats_images!r}")
+        if self.patience is not None and (isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1):
+            raise UserError(f"--patience must be a whole number of at least 1, got {self.patience!r}")
         if not 0.0 <= self.distill_alpha <= 1.0:
             raise UserError(f"--distill-alpha must be in [0, 1], got {self.distill_alpha!r}")
         if not self.temperature > 0:
@@ -352,6 +372,24 @@ def starting_images(plain: PlainNet, train_set: TensorDataset, images: TensorDat
     return stratified_subset(train_set, max(1, CALIBRATION_SAMPLE // (int(train_set.labels.max()) + 1)))
 
 
+class _EarlyStop(Exception):
+    """Raised on every rank at the start of an epoch once ``patience`` has run out."""
+
+
+def _should_stop(history: list[dict], ptq_top1: float, patience: int | None) -> bool:
+    """True when the last ``patience`` epochs brought no better held-out top-1 than the best
+    before them (the PTQ start counts as epoch 0; a tie is no improvement)."""
+    if patience is None:
+        return False
+    values = [ptq_top1] + [h["eval_top1"] for h in history if "eval_top1" in h]
+    return len(values) - 1 - values.index(max(values)) >= patience
+
+
+def _emulated_top1(plain: PlainNet, spec: QuantSpec, eval_set: TensorDataset) -> float:
+    """Top-1 of the integer emulation of ``plain`` under ``spec``: what every target computes."""
+    return _top1(IntegerNet(plain, spec), eval_set)[0]
+
+
 def qat(
     plain: PlainNet,
     spec: QuantSpec | None,
@@ -368,25 +406,33 @@ def qat(
     calibration: CalibrationConfig | str = "mse",
     cache: Path | None | bool = None,
     device: str | torch.device | None = None,
+    on_epoch: Callable[[dict], None] | None = None,
 ) -> tuple[PlainNet, QuantSpec, dict]:
-    """Fine-tune ``plain`` under ``spec`` on ``train_set``, distilling from ``plain`` itself.
+    """Fine-tune ``plain`` under ``spec`` on ``train_set``, distilling from ``plain`` itself, and
+    keep the best INT8 result: the best epoch on ``eval_set`` (the held-out set), or PTQ itself
+    when no epoch beats it (see the module docstring).
 
     Without a ``spec`` the starting spec is calibrated here (on rank 0, then shared): on
     :func:`starting_images` (``images`` if given), for ``constraints`` (a :class:`Constraints` or
     a constraint-set name; ``weight_bits`` overrides its weight width) under ``calibration``,
     through the statistics cache unless ``cache=False``. The keyword arguments are ignored when a
-    spec is given.
+    spec is given. ``on_epoch(record)`` is called after every epoch (rank 0; a progress hook).
 
     Checkpoints ``out_dir/last.pt`` every epoch (``resume`` continues from it); at the end writes
-    ``out_dir/model.safetensors`` (a deploy-form RepVGG checkpoint of the fine-tuned PlainNet) and
-    ``out_dir/quant_spec.json``. Returns that PlainNet, its spec and metrics: ``start`` (where
-    the starting spec came from, in words), ``history``, and with ``eval_set`` on rank 0 those of
-    :func:`qat_metrics`. ``device``: where one process fine-tunes, in float32 (see
+    ``out_dir/model.safetensors`` (a deploy-form RepVGG checkpoint of the kept PlainNet),
+    ``out_dir/quant_spec.json`` and the run's record ``out_dir/qat.json``. Returns that PlainNet,
+    its spec and metrics: ``start`` (where the starting spec came from, in words), ``history``,
+    ``kept`` ("qat" or "ptq"), ``best_epoch`` (0: PTQ), ``stopped_early``, and with ``eval_set``
+    on rank 0 the held-out top-1 of FP32, PTQ and the best QAT epoch (integer emulation) and
+    ``emulation_agreement`` (the fake-quant model against the integer emulation of its export). ``device``: where one process fine-tunes, in float32 (see
     :func:`~edgerepvgg.train.init_distributed`; not MPS, which lacks the float64 of the rounding)."""
     out_dir, state_path = Path(out_dir), Path(out_dir) / STATE_FILE
     dist = init_distributed(device)
     require_float64(dist.device, "QAT")
     dist.per_rank_batch(config.batch_size)
+    if config.patience is not None and eval_set is None:
+        raise UserError("--patience watches the held-out top-1 and there is no held-out set; pass --data with a val/ folder, "
+                        "or drop --patience")  # fmt: skip
     if spec is None:
         calib = starting_images(plain, train_set, images)
         calib_config = CalibrationConfig.of(calibration)
@@ -409,10 +455,27 @@ def qat(
     stats = conv_statistics(teacher, _sample(train_set, config.stats_images, config.seed).to(dist.device))
     net = QATNet(plain, spec, stats, config.learn_scales).to(dist.device)
     opt = make_optimizer(net, config)
+    watch = dist.main and eval_set is not None  # this process scores every epoch and keeps the best
+    baseline: dict = {}
+    if watch:
+        log.info("scoring FP32 and PTQ on %d held-out images of %s", len(eval_set), eval_set.source)
+        baseline = {"fp32_top1": _top1(plain, eval_set)[0], "ptq_top1": _emulated_top1(plain, spec, eval_set)}
+    best: dict = {"epoch": 0, "top1": None, "state": None}  # the best QAT epoch so far and its weights
     start_epoch, history = resume_run(state_path, config, net, opt, source) if resume else (0, [])
+    if resume and watch:
+        saved = torch.load(state_path, map_location="cpu", weights_only=True).get("best")
+        if saved is not None:
+            best = {"epoch": saved["epoch"], "top1": saved["top1"], "state": saved["model"]}
     model = dist.wrap(net)
+    seen = {"history": history, "epoch": start_epoch,
+            "stop": watch and _should_stop(history, baseline["ptq_top1"], config.patience)}  # fmt: skip
+    steps_per_epoch, calls = len(train_set) // config.batch_size, [0]
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if config.patience is not None and steps_per_epoch and calls[0] % steps_per_epoch == 0:
+            if dist.broadcast(seen["stop"]):  # rank 0 decides; every rank stops at the same step
+                raise _EarlyStop
+        calls[0] += 1
         logits = model(x)
         with torch.no_grad():
             target = teacher(x) if config.distill_alpha > 0 else logits
@@ -422,42 +485,185 @@ def qat(
         return net(x.to(dist.device)).cpu()
 
     def evaluate() -> dict:
+        """The epoch's held-out top-1 as the integer emulation of the spec it exports."""
         net.eval()
-        return {"eval_top1": _top1(run_net, eval_set)[0]}
+        seen["epoch"] += 1
+        top1 = _emulated_top1(*net.export(), eval_set)
+        if best["top1"] is None or top1 > best["top1"]:
+            best.update(epoch=seen["epoch"], top1=top1, state={k: v.detach().cpu().clone() for k, v in net.state_dict().items()})
+        return {"eval_top1": top1}
 
     def save(epoch: int, history: list[dict]) -> None:
-        save_state(state_path, net, opt, epoch, config, history, source=source)
+        extra = {"source": source}
+        if best["state"] is not None:
+            extra["best"] = {"epoch": best["epoch"], "top1": best["top1"], "model": best["state"]}
+        save_state(state_path, net, opt, epoch, config, history, **extra)
+        seen["history"] = history
+        seen["stop"] = watch and _should_stop(history, baseline["ptq_top1"], config.patience)
+        if on_epoch is not None:
+            on_epoch(history[-1])
 
-    history = run_epochs(model, opt, config, train_set, step, start_epoch, history,
-                         evaluate if eval_set is not None else None, save, dist, progress)  # fmt: skip
+    try:
+        history = run_epochs(model, opt, config, train_set, step, start_epoch, history,
+                             evaluate if watch else None, save, dist, progress)  # fmt: skip
+        stopped = False
+    except _EarlyStop:
+        history, stopped = seen["history"], True
+        if dist.main:
+            log.info("stopping early after epoch %d of %d: no better held-out top-1 in %d epoch(s)",
+                     len(history), config.epochs, config.patience)  # fmt: skip
     net.eval()
+    record: dict = {"start": start, "train_set": train_set.source, "epochs_run": len(history), "stopped_early": stopped,
+                    "checked": eval_set is not None}  # fmt: skip
+    if watch:
+        if best["state"] is not None:
+            net.load_state_dict(best["state"])
+        else:  # nothing scored in this process and nothing saved: the net as it stands
+            best.update(epoch=len(history), top1=_emulated_top1(*net.export(), eval_set))
     fine, fine_spec = net.export()
-    fine_spec = replace(fine_spec, calibration={**spec.calibration, "qat": {
-        "config": asdict(config), "initial_model_hash": spec.model_hash, "initial_spec_sha256": spec.sha256,
-        "train_set": train_set.source}})  # fmt: skip
-    metrics: dict = {"start": start, "history": history}
+    kept = "qat"
+    if watch:
+        agreement = float((predict(run_net, eval_set).argmax(1) == predict(IntegerNet(fine, fine_spec), eval_set).argmax(1)).float().mean())
+        if agreement < 0.99:
+            log.warning("the exported spec reproduces only %.2f%% of the fake-quant model's predictions", 100 * agreement)
+        record.update(baseline, qat_top1=best["top1"], best_epoch=best["epoch"], emulation_agreement=agreement,
+                      eval_set=eval_set.source)  # fmt: skip
+        if best["top1"] < baseline["ptq_top1"]:
+            kept = "ptq"
+            log.warning("QAT did not beat PTQ on %s: its best epoch (%d of %d) has INT8 top-1 %.2f%%, PTQ %.2f%%; "
+                        "writing the PTQ model and QuantSpec instead (the better INT8 result)", eval_set.source, best["epoch"],
+                        len(history), 100 * best["top1"], 100 * baseline["ptq_top1"])  # fmt: skip
+            fine, fine_spec = plain, spec
+    else:
+        record["best_epoch"] = len(history)
+        if dist.main:
+            log.warning("no held-out set to check QAT against PTQ: the last epoch is written unchecked; "
+                        "give --data a val/ folder to keep the better of the two")  # fmt: skip
+    record["kept"] = kept
+    provenance = {"config": asdict(config), "initial_model_hash": spec.model_hash, "initial_spec_sha256": spec.sha256,
+                  "train_set": train_set.source, "kept": kept, "best_epoch": record["best_epoch"],
+                  **{k: record[k] for k in ("eval_set", "ptq_top1", "qat_top1") if k in record}}  # fmt: skip
+    fine_spec = replace(fine_spec, calibration={**spec.calibration, "qat": provenance})
+    metrics: dict = {**record, "history": history}
     if not dist.main:
         return fine, fine_spec, metrics
-    if eval_set is not None:
-        metrics.update(qat_metrics(plain, spec, fine, fine_spec, run_net, eval_set))
-    extra = {"qat": {**{k: v for k, v in metrics.items() if k != "history"}, "config": asdict(config),
-                     "history": history, "initial_spec_sha256": spec.sha256, "calibration": spec.calibration,
-                     "train_set": train_set.source}, "quant_spec_sha256": fine_spec.sha256}  # fmt: skip
+    extra = {"qat": {**record, "config": asdict(config), "history": history, "initial_spec_sha256": spec.sha256,
+                     "calibration": spec.calibration}, "quant_spec_sha256": fine_spec.sha256}  # fmt: skip
     deploy = plain_to_repvgg(fine)
     metrics["model_file"] = str(save_checkpoint(out_dir / MODEL_FILE, deploy, meta_for(deploy, fine.input_spec, **extra)))
     metrics["spec_file"] = str(save_spec(fine_spec, out_dir / SPEC_FILE))
+    full = {**record, "history": history, "config": asdict(config), "initial_spec_sha256": spec.sha256,
+            "quant_spec_sha256": fine_spec.sha256, "model_hash": fine_spec.model_hash, "model_file": MODEL_FILE,
+            "spec_file": SPEC_FILE}  # fmt: skip
+    metrics["record_file"] = str(write_text_atomic(out_dir / RECORD_FILE, json.dumps(full, indent=1) + "\n"))
     return fine, fine_spec, metrics
 
 
-def qat_metrics(plain: PlainNet, spec: QuantSpec, fine: PlainNet, fine_spec: QuantSpec, fake_quant,
-                eval_set: TensorDataset) -> dict:  # fmt: skip
-    """Top-1 on ``eval_set`` of the FP32 net, of PTQ and of QAT (both as integer emulation), and
-    ``emulation_agreement``, the top-1 agreement of the fake-quant model ``fake_quant`` with the
-    QAT integer emulation (the check that the exported spec describes what was trained)."""
-    log.info("evaluating FP32, PTQ and QAT on %d images of %s", len(eval_set), eval_set.source)
-    out = {"fp32_top1": _top1(plain, eval_set)[0], "ptq_top1": _top1(IntegerNet(plain, spec), eval_set)[0]}
-    out["qat_top1"], int_logits = _top1(IntegerNet(fine, fine_spec), eval_set)
-    agreement = float((predict(fake_quant, eval_set).argmax(1) == int_logits.argmax(1)).float().mean())
-    if agreement < 0.99:
-        log.warning("the exported spec reproduces only %.2f%% of the fake-quant model's predictions", 100 * agreement)
-    return {**out, "emulation_agreement": agreement, "eval_set": eval_set.source}
+# ---------------------------------------------------------------------------------------------
+# QAT in the pipeline (export --qat, compare --qat): its data, and a cache of finished runs
+
+
+def training_sets(plain: PlainNet, data: str | Path | tuple[TensorDataset, TensorDataset | None] | None
+                  ) -> tuple[TensorDataset, TensorDataset | None]:  # fmt: skip
+    """The labelled (training, held-out) sets QAT fine-tunes on, read as ``edgerepvgg qat`` reads
+    them (:func:`edgerepvgg.data.labelled_sets`): ``data`` ('fashion-mnist', a folder of its IDX
+    files, a folder with train/ [val/] class subfolders, or a pair of data sets); by default
+    Fashion-MNIST for Fashion-MNIST models. Any other model without ``data`` is refused: the
+    calibration images carry no labels."""
+    if isinstance(data, tuple):
+        return data
+    if data is None:
+        if not is_fashion_mnist_spec(plain.input_spec):
+            raise UserError("--qat needs labelled training images and this model has none by default: pass --data DIR "
+                            "(a folder with train/ [val/] class subfolders); calibration images (--images) carry no labels")  # fmt: skip
+        data = default_training_data(plain.input_spec)
+    return labelled_sets(data, plain.input_spec)
+
+
+@dataclass(frozen=True)
+class QATResult:
+    """A finished QAT run as the pipeline uses it: the PlainNet and QuantSpec it wrote (QAT's, or
+    PTQ's when that was better), its record (``qat.json``), its folder, and whether an earlier
+    run was reused rather than fine-tuned again."""
+
+    plain: PlainNet
+    spec: QuantSpec
+    record: dict
+    folder: Path
+    reused: bool
+
+    @property
+    def kept(self) -> str:
+        """``"qat"``, or ``"ptq"`` when no epoch beat the spec QAT started from."""
+        return self.record["kept"]
+
+    def summary(self) -> dict:
+        """What a report keeps of the run (its figures and decision, not the per-epoch history)."""
+        keys = ("kept", "best_epoch", "epochs_run", "stopped_early", "checked", "fp32_top1", "ptq_top1", "qat_top1",
+                "eval_set", "train_set", "initial_spec_sha256")  # fmt: skip
+        return {"scheme": self.spec.constraints.name, "epochs": self.record["config"]["epochs"],
+                **{k: self.record[k] for k in keys if k in self.record}, "reused": self.reused, "folder": str(self.folder)}  # fmt: skip
+
+
+def qat_cache_dir() -> Path:
+    """Where finished QAT runs are kept (beside the calibration statistics; XDG_CACHE_HOME)."""
+    return cache_dir().parent / "qat"
+
+
+def _data_key(dataset: TensorDataset | None) -> str:
+    if dataset is None:
+        return "-"
+    return fingerprint(dataset) + hashlib.sha256(dataset.labels.contiguous().numpy().tobytes()).hexdigest()[:16]
+
+
+def qat_key(plain: PlainNet, spec: QuantSpec, train_set: TensorDataset, eval_set: TensorDataset | None, config: QATConfig) -> str:
+    """The cache key of a QAT run: the model, the spec it starts from (its scheme, calibration
+    method and images), every option, and both data sets (images and labels)."""
+    text = json.dumps([model_hash(plain), spec.sha256, asdict(config), _data_key(train_set), _data_key(eval_set)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:24]
+
+
+def _load_result(folder: Path) -> QATResult:
+    from edgerepvgg._fuse import fuse
+
+    record = json.loads((folder / RECORD_FILE).read_text())
+    model, meta = load_checkpoint(folder / MODEL_FILE)
+    fine, _ = fuse(model, meta.input_spec)
+    spec = load_spec(folder / SPEC_FILE)
+    require_spec_for(fine, spec)
+    return QATResult(fine, spec, record, folder, reused=True)
+
+
+def fine_tune(
+    plain: PlainNet,
+    spec: QuantSpec,
+    train_set: TensorDataset,
+    eval_set: TensorDataset | None,
+    config: QATConfig,
+    folder: str | Path | None = None,
+    cache: Path | None | bool = None,
+    progress: bool = False,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> QATResult:
+    """QAT as ``export --qat`` and ``compare --qat`` run it, from ``spec``: a finished run of the
+    same :func:`qat_key` is reused from the cache (``cache=None``: the user cache directory; a
+    Path: that folder), else :func:`qat` runs there; ``cache=False`` runs in ``folder`` and
+    reuses nothing. The run's optimizer state is deleted once it has finished."""
+    key = qat_key(plain, spec, train_set, eval_set, config)
+    if cache is False:
+        if folder is None:
+            raise ValueError("fine_tune(cache=False) needs a folder to run in")
+        where = Path(folder)
+    else:
+        where = (cache if isinstance(cache, Path) else qat_cache_dir()) / key
+        if (where / RECORD_FILE).is_file():
+            try:
+                result = _load_result(where)
+                log.info("reusing the QAT run in %s", where)
+                return result
+            except (UserError, ValueError, KeyError, OSError) as exc:  # a damaged entry is run again
+                log.warning("ignoring the damaged QAT run in %s (%s)", where, exc)
+                shutil.rmtree(where, ignore_errors=True)
+    fine, fine_spec, metrics = qat(plain, spec, train_set, eval_set, config, where, progress=progress, on_epoch=on_epoch)
+    (where / STATE_FILE).unlink(missing_ok=True)
+    return QATResult(fine, fine_spec, json.loads(Path(metrics["record_file"]).read_text()), where, reused=False)
