@@ -188,3 +188,26 @@ def test_train_on_an_image_folder_records_its_class_names(tmp_path, cli):
     _, meta = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert meta.input_spec.class_names == ("boots", "coats") and meta.num_classes == 2
     assert "val" in meta.extra["eval_set"]
+
+
+def test_training_on_rgb_64x64_images_finishes_on_the_cpu(tmp_path):
+    """RGB at 64x64 is the size a user's own folder has; torch's channels_last conv backward hangs
+    on it on the CPU, so CPU training must not use that layout (a subprocess with a time limit, so
+    a regression fails instead of hanging the suite)."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    for split, n in (("train", 8), ("val", 3)):
+        for label, colour in (("red", (200, 30, 30)), ("green", (30, 200, 30)), ("blue", (30, 30, 200))):
+            folder = tmp_path / "data" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (72, 72), tuple(c + i for c in colour)).save(folder / f"{i}.png")
+    proc = subprocess.run([sys.executable, "-m", "edgerepvgg", "-q", "train", "--data", str(tmp_path / "data"), "--size", "64",
+                           "--epochs", "1", "--batch-size", "8", "--threads", "2", "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, meta = load_checkpoint(tmp_path / "run" / "model.safetensors")
+    assert meta.input_spec.channels == 3 and meta.input_spec.hw == (64, 64) and meta.num_classes == 3
