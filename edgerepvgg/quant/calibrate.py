@@ -70,7 +70,7 @@ NAIVE = CalibrationConfig("minmax", "minmax", per_tensor_weights=True)  # per-te
 
 def fingerprint(dataset: TensorDataset) -> str:
     """Hash of the preprocessed images: identical tensors, identical statistics."""
-    h = hashlib.sha256(dataset.images.contiguous().numpy().tobytes())
+    h = hashlib.sha256(dataset.images.contiguous().numpy().data)  # the buffer itself, not a copy of it
     h.update(str(tuple(dataset.images.shape)).encode())
     return h.hexdigest()[:16]
 
@@ -105,22 +105,30 @@ def cache_dir() -> Path:
 @torch.no_grad()
 def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True) -> CalibrationStats:
     """Run the FP32 PlainNet over the images once, histogramming every activation point."""
-    from tqdm import tqdm
-
     if len(dataset) == 0:
         raise UserError(f"no calibration images in {dataset.source}; pass --images DIR with a few hundred images")
+    return _collect(plain, dataset, batch_size, progress, model_hash(plain), fingerprint(dataset))
+
+
+@torch.no_grad()
+def _collect(plain: PlainNet, dataset: TensorDataset, batch_size: int, progress: bool, model_key: str, images_key: str) -> CalibrationStats:
+    """:func:`collect_stats` with the model's hash and the images' fingerprint already computed
+    (hashing RepVGG-B3's weights takes about a second: once per calibration is enough)."""
+    from tqdm import tqdm
+
     hists = {name: Histogram() for name in plain.activation_points()}
     plain = plain.eval()
     total = (len(dataset) + batch_size - 1) // batch_size
     for x, _ in tqdm(dataset.batches(batch_size), total=total, desc="calibrating", disable=not progress, leave=False):
         plain(x, observe=lambda name, t: hists[name].update(t))
-    return CalibrationStats(model_hash(plain), fingerprint(dataset), len(dataset), dataset.source, hists)
+    return CalibrationStats(model_key, images_key, len(dataset), dataset.source, hists)
 
 
 def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
                  cache: Path | None = None) -> CalibrationStats:  # fmt: skip
     """``collect_stats`` through an on-disk cache (``cache=None``: the user cache directory)."""
-    path = (cache or cache_dir()) / f"{model_hash(plain)}-{fingerprint(dataset)}.json"
+    model_key, images_key = model_hash(plain), fingerprint(dataset)
+    path = (cache or cache_dir()) / f"{model_key}-{images_key}.json"
     if path.is_file():
         try:
             stats = CalibrationStats.from_json(path.read_text())
@@ -128,7 +136,9 @@ def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, 
             return stats
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring damaged statistics cache %s (%s)", path, exc)
-    stats = collect_stats(plain, dataset, batch_size, progress)
+    if len(dataset) == 0:
+        return collect_stats(plain, dataset, batch_size, progress)  # its message
+    stats = _collect(plain, dataset, batch_size, progress, model_key, images_key)
     try:
         write_text_atomic(path, stats.to_json())
     except OSError as exc:  # a read-only home must not stop calibration
