@@ -112,6 +112,7 @@ def _float64_equivalence(model: RepVGG, x: torch.Tensor) -> Equivalence:
         block64 = copy.deepcopy(block).to(torch.float64).eval()
         reference = block64(reference)
         fused = torch.relu(block64.fuse_().rbr_reparam(fused))  # as PlainNet computes it
+        del block64  # before the next block is copied
     head = copy.deepcopy(model.linear).to(torch.float64)
     a = head(torch.flatten(model.gap(reference), 1))
     b = head(fused.mean(dim=(2, 3)))

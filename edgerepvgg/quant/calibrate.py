@@ -103,19 +103,16 @@ def cache_dir() -> Path:
 
 
 @torch.no_grad()
-def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True) -> CalibrationStats:
-    """Run the FP32 PlainNet over the images once, histogramming every activation point."""
-    if len(dataset) == 0:
-        raise UserError(f"no calibration images in {dataset.source}; pass --images DIR with a few hundred images")
-    return _collect(plain, dataset, batch_size, progress, model_hash(plain), fingerprint(dataset))
-
-
-@torch.no_grad()
-def _collect(plain: PlainNet, dataset: TensorDataset, batch_size: int, progress: bool, model_key: str, images_key: str) -> CalibrationStats:
-    """:func:`collect_stats` with the model's hash and the images' fingerprint already computed
+def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
+                  keys: tuple[str, str] | None = None) -> CalibrationStats:  # fmt: skip
+    """Run the FP32 PlainNet over the images once, histogramming every activation point.
+    ``keys``: the model's hash and the images' fingerprint when the caller has them already
     (hashing RepVGG-B3's weights takes about a second: once per calibration is enough)."""
     from tqdm import tqdm
 
+    if len(dataset) == 0:
+        raise UserError(f"no calibration images in {dataset.source}; pass --images DIR with a few hundred images")
+    model_key, images_key = keys or (model_hash(plain), fingerprint(dataset))
     hists = {name: Histogram() for name in plain.activation_points()}
     plain = plain.eval()
     total = (len(dataset) + batch_size - 1) // batch_size
@@ -136,9 +133,7 @@ def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, 
             return stats
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring damaged statistics cache %s (%s)", path, exc)
-    if len(dataset) == 0:
-        return collect_stats(plain, dataset, batch_size, progress)  # its message
-    stats = _collect(plain, dataset, batch_size, progress, model_key, images_key)
+    stats = collect_stats(plain, dataset, batch_size, progress, keys=(model_key, images_key))
     try:
         write_text_atomic(path, stats.to_json())
     except OSError as exc:  # a read-only home must not stop calibration
