@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, plain, data in cases(args.quick):
         log.info("%s: %d images, %d rounds", name, len(data), rounds)
         models.append({"model": name, **measure(plain, data, rounds)})
-    command = "PYTHONPATH=.:benchmarks python benchmarks/calibration_cost.py" + (" --quick" if args.quick else "")
+    command = " ".join(["PYTHONPATH=.:benchmarks python benchmarks/calibration_cost.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": machine, "load_avg_end": list(os.getloadavg()), "rounds": rounds, "goal": GOAL,
               "command": command, "models": models}  # fmt: skip
     write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")

@@ -126,7 +126,26 @@ def resolve_model(model: PlainNet | str | Path | None, **variant) -> tuple[Plain
         return model.eval(), None
     net, meta = load_model(model, **variant)
     plain, _ = fuse(net, meta.input_spec)
+    _return_freed_memory()
     return plain, None if meta.fused else net
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by loading and fusing back to the OS (glibc's ``malloc_trim``;
+    elsewhere nothing). glibc serves allocations below its mmap threshold, which it raises to
+    the largest block freed so far (up to 32 MB), from the heap and keeps them once freed: after
+    fusing RepVGG-B3, ~0.3 GB of freed weight copies stayed resident through calibration and
+    compilation."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to do
+        return
+    if trim is not None:
+        trim(0)
 
 
 def calibration_set(plain: PlainNet, images: Images) -> TensorDataset:

@@ -96,10 +96,14 @@ def check_equivalence(model: RepVGG, plain: PlainNet, batch: int = 2, seed: int 
     """Compare on one seeded random batch: in float64, the fusion math itself (each block of
     ``model`` in float64 against its float64 fusion, the activations carried through the whole
     network on both sides); in float32, the ``plain`` net as shipped against ``model``."""
-    gen = torch.Generator().manual_seed(seed)
-    s = plain.input_spec
-    x = torch.randn(batch, s.channels, s.size, s.size, generator=gen, dtype=torch.float64)
+    x = _check_input(plain.input_spec, batch, seed)
     return [_float64_equivalence(model, x), compare_outputs(model, plain, x.to(plain.head.weight.dtype))]
+
+
+def _check_input(spec: InputSpec, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    """The seeded float64 batch both checks run on."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, spec.channels, spec.size, spec.size, generator=gen, dtype=torch.float64)
 
 
 @torch.no_grad()
@@ -128,8 +132,14 @@ def fuse(model: RepVGG, input_spec: InputSpec | None = None, check: bool = True)
     tensor (a corrupt checkpoint). Raises ``AssertionError`` if the fused network disagrees
     beyond tolerance: that is a fusion bug, and it must never produce an artifact."""
     require_finite(model)
-    plain = to_plain(model, input_spec)
-    results = check_equivalence(model, plain) if check else []
+    spec = input_spec or default_spec(model.in_chans)
+    x = _check_input(spec) if check else None
+    # check_equivalence's two checks, the float64 one before the PlainNet exists: its float64
+    # copy of the largest block then never meets the PlainNet in memory (RepVGG-B3: ~0.45 GB less)
+    results = [_float64_equivalence(model, x)] if check else []
+    plain = to_plain(model, spec)
+    if check:
+        results.append(compare_outputs(model, plain, x.to(plain.head.weight.dtype)))
     for r in results:
         log.debug("fusion check %s", r)
         if not r.ok:
