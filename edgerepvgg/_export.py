@@ -132,7 +132,26 @@ def resolve_model(model: PlainNet | str | Path | None, **variant) -> tuple[Plain
         return model.eval(), None
     net, meta = load_model(model, **variant)
     plain, _ = fuse(net, meta.input_spec)
+    _return_freed_memory()
     return plain, None if meta.fused else net
+
+
+def _return_freed_memory() -> None:
+    """Hand the heap pages freed by loading and fusing back to the OS (glibc's ``malloc_trim``;
+    elsewhere nothing). glibc serves allocations below its mmap threshold, which it raises to
+    the largest block freed so far (up to 32 MB), from the heap and keeps them once freed: after
+    fusing RepVGG-B3, ~0.3 GB of freed weight copies stayed resident through calibration and
+    compilation."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS, Windows): nothing to do
+        return
+    if trim is not None:
+        trim(0)
 
 
 def calibration_set(plain: PlainNet, images: Images, limit: int | None = DEFAULT_CALIB_LIMIT,
@@ -427,7 +446,7 @@ def export(
 def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set, images, calibration,
             options: ExportOptions, refs: References | None, cache, progress: bool, profile_name: str | None,
             qat: QATConfig | None = None, qat_data=None) -> ExportReport:  # fmt: skip
-    plain, _ = resolve_model(model)
+    plain = resolve_model(model)[0]  # the train-time net is not kept: RepVGG-B3's is 0.5 GB
     train_sets = training_sets(plain, qat_data) if qat is not None else None  # refused before any work
     if images is not None or (precision == "int8" and spec is None):  # read once: calibration and fallback
         images = calibration_set(plain, images, options.calib_limit, options.workers)

@@ -206,7 +206,7 @@ class TensorDataset:
 
     def fingerprint(self) -> str:
         """Hash of the preprocessed images and their normalization: identical tensors, identical statistics."""
-        h = hashlib.sha256(self.images.contiguous().numpy().tobytes())
+        h = hashlib.sha256(self.images.contiguous().numpy().data)  # the buffer itself, not a copy of it
         h.update(str(tuple(self.images.shape)).encode())
         h.update(repr((self.spec.mean, self.spec.std)).encode())  # the same pixels normalized otherwise are other tensors
         return h.hexdigest()[:16]
@@ -395,10 +395,10 @@ class ImageFiles(TensorDataset):
     @property
     def images(self) -> torch.Tensor:  # type: ignore[override]
         """Every image decoded, in one tensor (not kept): what the pipeline never asks for."""
-        c, s = self.spec.channels, self.spec.size
-        log.warning("decoding all %d images of %s into memory (%.0f MB)", len(self), self.source, len(self) * c * s * s / 1e6)
+        c, h, w = self.spec.shape
+        log.warning("decoding all %d images of %s into memory (%.0f MB)", len(self), self.source, len(self) * c * h * w / 1e6)
         out = [x for x, _ in self._uint8_batches(256)]
-        return torch.cat(out) if out else torch.empty(0, c, s, s, dtype=torch.uint8)
+        return torch.cat(out) if out else torch.empty(0, c, h, w, dtype=torch.uint8)
 
     def fingerprint(self) -> str:
         """Hash of the files' bytes, their relative paths and the input spec (computed once):
@@ -461,7 +461,7 @@ def _read_files(paths: list[Path], labels: list[int], root: Path, spec: InputSpe
         note = _sample_note(index, label_array, total, seed)
         paths, label_array = [paths[i] for i in index], label_array[index]
         log.info("%s: reading %d of its %d images%s", root, len(paths), total, note)
-    stream = len(paths) * spec.channels * spec.size * spec.size > (PRELOAD_BYTES if preload_bytes is None else preload_bytes)
+    stream = len(paths) * math.prod(spec.shape) > (PRELOAD_BYTES if preload_bytes is None else preload_bytes)
     kept, batches, skipped, reasons = [], [], [], []
     for decoded, x, failed in _decoded(paths, None if stream else spec, 256 if stream else 64, _workers(workers, paths)):
         kept += decoded
@@ -482,7 +482,7 @@ def _read_files(paths: list[Path], labels: list[int], root: Path, spec: InputSpe
     kept_labels = torch.from_numpy(label_array[kept])
     if stream:
         log.info("%s: %d images, decoded batch by batch on every pass (%.0f MB if all were held)", root, len(kept),
-                 len(kept) * spec.channels * spec.size * spec.size / 1e6)  # fmt: skip
+                 len(kept) * math.prod(spec.shape) / 1e6)  # fmt: skip
         return ImageFiles([paths[i] for i in kept], kept_labels, spec, source(len(kept)) + note, class_names, skipped,
                           root=root, workers=workers)  # fmt: skip
     return TensorDataset(torch.cat(batches), kept_labels, spec, source(len(kept)) + note, class_names, skipped)

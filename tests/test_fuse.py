@@ -71,6 +71,19 @@ def test_every_variant_fuses_equivalently(name, block):
     assert f32.max_rel <= TOLERANCE[torch.float32], f32
 
 
+def test_blockwise_float64_check_equals_the_whole_model_in_float64():
+    """The float64 check holds one block in float64 at a time; it must report exactly what the
+    whole model and its PlainNet, both in float64, report on the same input."""
+    model = randomize_bn(create_model("A0", num_classes=10, block="qarepvgg"), seed=5).eval()
+    spec = InputSpec(size=32, resize=32)
+    plain = to_plain(model, spec)
+    f64, _ = check_equivalence(model, plain, batch=2, seed=3)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    model64 = copy.deepcopy(model).to(torch.float64)
+    assert f64 == fuse_mod.compare_outputs(model64, to_plain(model64, spec), x)
+    assert 0 < f64.max_abs and f64.ok
+
+
 def test_plain_net_is_only_3x3_convs_relu_pool_linear():
     model = randomize_bn(create_model("A0", num_classes=10, in_chans=1)).eval()
     plain, checks = fuse(model, InputSpec(size=32, resize=32, channels=1, mean=(0.5,), std=(0.5,)))

@@ -152,6 +152,42 @@ def test_bins_must_be_power_of_two():
         Histogram(1000)
 
 
+@pytest.mark.parametrize("chunk", [7, 1 << 18])
+@pytest.mark.parametrize("signed", [False, True])
+def test_float32_binning_equals_the_float64_reference(monkeypatch, chunk, signed):
+    """The float32 hot path (chunked, int16 indices, zeros counted per chunk) gives the histogram
+    of the exact float64 path bit for bit: bin edges, zeros and -0.0, subnormals, regrowth, and
+    chunk boundaries that cut through a batch (chunk 7)."""
+    import edgerepvgg.quant.observers as observers
+
+    calls = []
+    fast = observers._bin_float32
+    monkeypatch.setattr(observers, "_CHUNK", chunk)
+    monkeypatch.setattr(observers, "_bin_float32", lambda *a, **k: calls.append(a[0].dtype) or fast(*a, **k))
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for scale in (0.5, 3.0, 40.0):  # R grows twice: earlier counts merge
+        x = torch.randn(2000, generator=g) * scale
+        x[::4] = torch.floor(x[::4] * 8) / 8  # values exactly on bin edges
+        x[1::9] = 0.0
+        x[2::9] = -0.0
+        x[3::50] = 1e-40  # subnormal float32: bin 0, not a zero
+        batches.append(x if signed else torch.relu(x))
+    fast_hist, ref_hist = Histogram(), Histogram()
+    for x in batches:
+        fast_hist.update(x.float())
+        ref_hist.update(x.double())
+    assert calls and all(dtype == torch.float32 for dtype in calls)
+    assert fast_hist.to_dict() == ref_hist.to_dict()
+    assert (fast_hist.neg.sum() > 0) == signed and fast_hist.zeros == ref_hist.zeros > 0
+
+
+def test_tiny_float32_range_stays_exact():
+    """Below float32's normal range the bin width is not a normal float32: the exact path bins it."""
+    x = torch.tensor([0.0, 1e-40, 3e-40, 5e-40])
+    assert hist_of(x).to_dict() == hist_of(x.double()).to_dict()
+
+
 def test_other_dtypes():
     x = torch.tensor([-1.5, 0.25, 2.0])
     ref = hist_of(x).to_dict()

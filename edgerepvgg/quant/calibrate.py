@@ -103,13 +103,15 @@ def cache_dir() -> Path:
 
 @torch.no_grad()
 def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
-                  device: str | torch.device | None = None) -> CalibrationStats:  # fmt: skip
+                  device: str | torch.device | None = None, keys: tuple[str, str] | None = None) -> CalibrationStats:  # fmt: skip
     """Run the FP32 PlainNet over the images once (on ``device``; default the CPU), histogramming
-    every activation point."""
+    every activation point. ``keys``: the model's hash and the images' fingerprint when the caller
+    has them already (hashing RepVGG-B3's weights takes about a second: once per calibration is enough)."""
     from tqdm import tqdm
 
     if len(dataset) == 0:
         raise UserError(f"no calibration images in {dataset.source}; pass --images DIR with a few hundred images")
+    model_key, images_key = keys or (model_hash(plain), fingerprint(dataset))
     hists = {name: Histogram() for name in plain.activation_points()}
     plain = plain.eval()
     dev = resolve_device(device)
@@ -118,13 +120,14 @@ def collect_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64,
     with full_fp32(dev):
         for x, _ in tqdm(dataset.batches(batch_size), total=total, desc="calibrating", disable=not progress, leave=False):
             net(x.to(dev), observe=lambda name, t: hists[name].update(t))
-    return CalibrationStats(model_hash(plain), fingerprint(dataset), len(dataset), dataset.source, hists)
+    return CalibrationStats(model_key, images_key, len(dataset), dataset.source, hists)
 
 
 def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, progress: bool = True,
                  cache: Path | None = None, device: str | torch.device | None = None) -> CalibrationStats:  # fmt: skip
     """``collect_stats`` through an on-disk cache (``cache=None``: the user cache directory)."""
-    path = (cache or cache_dir()) / f"{model_hash(plain)}-{fingerprint(dataset)}.json"
+    model_key, images_key = model_hash(plain), fingerprint(dataset)
+    path = (cache or cache_dir()) / f"{model_key}-{images_key}.json"
     if path.is_file():
         try:
             stats = CalibrationStats.from_json(path.read_text())
@@ -132,7 +135,7 @@ def cached_stats(plain: PlainNet, dataset: TensorDataset, batch_size: int = 64, 
             return stats
         except (ValueError, KeyError, TypeError) as exc:
             log.warning("ignoring damaged statistics cache %s (%s)", path, exc)
-    stats = collect_stats(plain, dataset, batch_size, progress, device)
+    stats = collect_stats(plain, dataset, batch_size, progress, device, keys=(model_key, images_key))
     try:
         write_text_atomic(path, stats.to_json())
     except OSError as exc:  # a read-only home must not stop calibration
