@@ -56,7 +56,7 @@ def trained(tmp_path_factory) -> tuple[PlainNet, Path, TensorDataset, TensorData
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("a0")
     train_set, eval_set = bands(256, 0), bands(128, 1)
-    config = TrainConfig(model="A0", epochs=3, batch_size=32, lr=0.01, warmup_epochs=0.5, erase_prob=0.0, crop_padding=0)
+    config = TrainConfig(model="A0", epochs=4, batch_size=32, lr=0.01, warmup_epochs=0.5, erase_prob=0.0, crop_padding=0)
     model, _ = train(config, train_set, eval_set, out, progress=False)
     plain, _ = fuse(model, SPEC16)
     torch.set_num_threads(before)
