@@ -19,7 +19,6 @@ the cost does not depend on what the pixels show).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import statistics
@@ -30,13 +29,12 @@ from typing import Any
 
 import torch
 
-from common import machine_info, md_table
+from common import machine_info, md_table, save_results
 
 from edgerepvgg._fuse import fuse
 from edgerepvgg.checkpoints import BUNDLED, load_checkpoint
 from edgerepvgg.data import TensorDataset, calibration_images
 from edgerepvgg.inputs import InputSpec
-from edgerepvgg.io import write_text_atomic
 from edgerepvgg.models import create_model
 from edgerepvgg.quant import observers
 from edgerepvgg.quant.calibrate import collect_stats
@@ -160,10 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join(["PYTHONPATH=.:benchmarks python benchmarks/calibration_cost.py", *(sys.argv[1:] if argv is None else argv)])
     result = {"machine": machine, "load_avg_end": list(os.getloadavg()), "rounds": rounds, "goal": GOAL,
               "command": command, "models": models}  # fmt: skip
-    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    text = render(result)
-    write_text_atomic(args.out.with_suffix(".md"), text + "\n")
-    print(text)
+    save_results(args.out, result, render(result))
     return 0
 
 

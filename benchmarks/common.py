@@ -39,3 +39,17 @@ def interleaved_latency(runners: dict, x, rounds: int, runs: int, base: str | No
             out[n][f"speedup_vs_{base}"] = float(np.median(ratios))
             out[n][f"speedup_vs_{base}_range"] = [float(ratios.min()), float(ratios.max())]
     return out
+
+
+def save_results(out, result: dict[str, Any], text: str) -> None:
+    """Write a benchmark's figures (``out``, JSON) and its report (``out`` with ``.md``) atomically,
+    then print the report."""
+    import json
+    from pathlib import Path
+
+    from edgerepvgg.io import write_text_atomic
+
+    out = Path(out)
+    write_text_atomic(out, json.dumps(result, indent=1) + "\n")
+    write_text_atomic(out.with_suffix(".md"), text.rstrip("\n") + "\n")
+    print(text)

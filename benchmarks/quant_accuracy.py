@@ -18,7 +18,6 @@ target is checked against; NNCF's is its compiled OpenVINO model run on this CPU
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -29,13 +28,12 @@ from typing import Any
 
 import torch
 
-from common import machine_info, md_table
+from common import machine_info, md_table, save_results
 
 from edgerepvgg.checkpoints import BUNDLED, load_checkpoint
 from edgerepvgg.data import calibration_images, fashion_mnist
 from edgerepvgg.evaluate import predict, topk_accuracy
 from edgerepvgg._fuse import fuse
-from edgerepvgg.io import write_text_atomic
 from edgerepvgg.quant import constraints_for, load_spec
 from edgerepvgg.quant.calibrate import CalibrationConfig, collect_stats, make_spec
 from edgerepvgg.quant.emulate import IntegerNet
@@ -163,10 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     models = [evaluate_model(n, args.constraints, Path(qat_dirs[n]) if n in qat_dirs else None, not args.no_nncf)
               for n in args.models]  # fmt: skip
     result = {"machine": machine, "models": models}
-    write_text_atomic(args.out, json.dumps(result, indent=1))
-    text = render(result)
-    write_text_atomic(args.out.with_suffix(".md"), text + "\n")
-    print(text)
+    save_results(args.out, result, render(result))
     return 0
 
 

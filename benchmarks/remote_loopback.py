@@ -15,7 +15,6 @@ time minus the same bundle run directly (``sh run.sh``) on this machine.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import subprocess
@@ -25,12 +24,11 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from common import machine_info, md_table
+from common import machine_info, md_table, save_results
 from helpers import loopback_sshd, openssh_missing, torch_free_python
 
 from edgerepvgg._compare import compare
 from edgerepvgg.device.remote import RoundTrip, parse_remote
-from edgerepvgg.io import write_text_atomic
 from edgerepvgg.profiles import lookup
 
 PROFILES = ("cpu-onnxruntime-int8", "cpu-openvino-int8", "cpu-litert-int8")
@@ -96,9 +94,7 @@ def main() -> None:
             })  # fmt: skip
     out = {"machine": machine_info(), "eval_source": result.eval_source, "eval_images": result.eval_images,
            "compare_s": total_s, "rows": records}  # fmt: skip
-    write_text_atomic(Path(args.out), json.dumps(out, indent=1) + "\n")
-    write_text_atomic(Path(args.out).with_suffix(".md"), report(out) + "\n")
-    print(report(out))
+    save_results(args.out, out, report(out))
 
 
 def report(out: dict) -> str:

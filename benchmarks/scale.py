@@ -22,7 +22,6 @@ weights or pixels are.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -32,9 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from common import machine_info, md_table
+from common import machine_info, md_table, save_results
 
-from edgerepvgg.io import write_text_atomic
 
 log = logging.getLogger("scale")
 TARGETS = ("onnxruntime", "openvino", "tflite", "tensorrt")
@@ -117,10 +115,7 @@ def main(argv: list[str] | None = None) -> int:
               "goal_first_target_s": GOAL_FIRST_S, "peak_rss_mb": max(s["peak_rss_mb"] for s in pipeline),
               "command": " ".join(["PYTHONPATH=.:benchmarks python benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
               "steps": steps}  # fmt: skip
-    write_text_atomic(args.out, json.dumps(result, indent=1) + "\n")
-    text = render(result)
-    write_text_atomic(args.out.with_suffix(".md"), text + "\n")
-    print(text)
+    save_results(args.out, result, render(result))
     return 0 if all(s["rc"] == 0 for s in steps) else 1
 
 
