@@ -175,11 +175,12 @@ def test_runner_without_torch_matches_host_runner(name, artifacts, dataset, tmp_
 
 
 def test_run_sh_is_the_one_command(artifacts, dataset, tmp_path):
-    """``sh run.sh`` (= ``python3 runner.py .`` in the bundle) with python3 the device interpreter."""
+    """``sh run.sh`` (= ``python3 runner.py .`` in the bundle, or ``$PYTHON`` when set: a venv's
+    Python on the device) with python3 the device interpreter."""
     b = bundle(artifacts, dataset, tmp_path / "bundle")
     manifest = read_manifest(b)
     assert manifest["command"] == "python3 runner.py ." and manifest["script"] == "run.sh"
-    assert "exec python3 runner.py ." in (b / "run.sh").read_text()
+    assert 'exec "${PYTHON:-python3}" runner.py .' in (b / "run.sh").read_text()
     bindir = tmp_path / "bin"
     bindir.mkdir()
     (bindir / "python3").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')  # a symlink would lose the venv
