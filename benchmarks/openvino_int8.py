@@ -50,7 +50,7 @@ from edgerepvgg.plain import PlainNet
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.quant.calibrate import calibrate
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.targets.openvino import DEVICE, OpenVINORunner, OpenVINOTarget, compile_config, runtime_coverage
+from edgerepvgg.targets.openvino import DEVICE, OpenVINORunner, OpenVINOTarget, compile_config, core, runtime_coverage
 
 log = logging.getLogger("openvino_int8")
 
@@ -62,10 +62,8 @@ class DefaultPrecisionRunner:
     bf16 (AVX512_BF16, AMX) that is bf16, i.e. the speed a user gets without asking for f32."""
 
     def __init__(self, xml: Path, threads: int):
-        import openvino as ov
-
         config = {k: v for k, v in compile_config(threads, "latency").items() if k != "INFERENCE_PRECISION_HINT"}
-        self.compiled = ov.Core().compile_model(str(xml), DEVICE, config)
+        self.compiled = core().compile_model(str(xml), DEVICE, config)
         self.precision = self.compiled.get_property("INFERENCE_PRECISION_HINT").to_string()
         self.request = self.compiled.create_infer_request()
 
@@ -96,7 +94,7 @@ def nncf_quantize(fp32_xml: Path, calib: TensorDataset, out_xml: Path) -> tuple[
     import nncf
     import openvino as ov
 
-    model = ov.Core().read_model(str(fp32_xml))
+    model = core().read_model(str(fp32_xml))
     data = nncf.Dataset([x.numpy() for x, _ in calib.batches(1)])
     t0 = time.perf_counter()
     quantized = nncf.quantize(model, data, subset_size=len(calib))
@@ -107,10 +105,7 @@ def nncf_quantize(fp32_xml: Path, calib: TensorDataset, out_xml: Path) -> tuple[
 
 def coverage_of(xml: Path, threads: int) -> dict[str, Any]:
     """Convolutions in INT8 / in total, read from the compiled runtime model (same check as compile)."""
-    import openvino as ov
-
-    core = ov.Core()
-    cov = runtime_coverage(core.compile_model(core.read_model(str(xml)), DEVICE, compile_config(threads, "latency")))
+    cov = runtime_coverage(core().compile_model(core().read_model(str(xml)), DEVICE, compile_config(threads, "latency")))
     return {"convs": len(cov.convs), "int8_convs": len(cov.int8_convs), "head_int8": "head" in cov.precisions and cov.is_int8("head")}
 
 

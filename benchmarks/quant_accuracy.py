@@ -71,6 +71,8 @@ def nncf_ptq(plain, calib, test) -> dict[str, Any]:
         import openvino as ov
     except ImportError as exc:
         return {"status": f"skipped: {exc}"}
+    from edgerepvgg.targets.openvino import core
+
     with tempfile.TemporaryDirectory() as tmp:
         onnx_path = Path(tmp) / "fp32.onnx"
         torch.onnx.export(plain, plain.example_input(1), onnx_path, dynamo=False, opset_version=17,
@@ -78,7 +80,7 @@ def nncf_ptq(plain, calib, test) -> dict[str, Any]:
         model = ov.convert_model(str(onnx_path))
         data = nncf.Dataset([x.numpy() for x, _ in calib.batches(1)])
         (quantized, seconds) = timed(nncf.quantize, model, data, subset_size=len(calib))
-        compiled = ov.Core().compile_model(quantized, "CPU")
+        compiled = core().compile_model(quantized, "CPU")
         request = compiled.create_infer_request()
 
         def run(x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ from edgerepvgg import UserError
 from edgerepvgg.machine import needs_reduced_weight_range
 from edgerepvgg.quant import constraints_for
 from edgerepvgg.quant.emulate import IntegerNet
-from edgerepvgg.targets.openvino import OpenVINOTarget, check_int8, int8_coverage
+from edgerepvgg.targets.openvino import OpenVINOTarget, check_int8, core, int8_coverage
 
 from helpers import random_batch
 from quant_helpers import minmax_spec
@@ -51,13 +51,11 @@ def int8(plain, spec, tmp_path_factory):
 
 
 def test_ir_pair_is_written_in_full_precision_and_readable(fp32, plain):
-    import openvino as ov
-
     out = fp32.path.parent
     assert fp32.path == out / "model.xml" and fp32.precision == "fp32"
     assert {p.name for p in out.iterdir()} == {"model.xml", "model.bin", "model.onnx"}  # no temp leftovers
     assert set(fp32.files) == {out / "model.xml", out / "model.bin"} and Path(fp32.info["onnx"]) == out / "model.onnx"
-    model = ov.Core().read_model(str(fp32.path))
+    model = core().read_model(str(fp32.path))
     shape = model.input(0).get_partial_shape()
     assert shape[0].is_dynamic and [shape[i].get_length() for i in (1, 2, 3)] == [1, 16, 16]
     assert model.output(0).get_partial_shape()[1].get_length() == 5
@@ -75,8 +73,14 @@ def test_recompiling_into_the_same_folder_replaces_the_pair(plain, spec, tmp_pat
     assert {p.name for p in tmp_path.iterdir()} == {"model.xml", "model.bin", "model.onnx"}
     assert (tmp_path / "model.bin").stat().st_size < fp32_bin / 2  # int8 weights now
     runner = target.load(art, threads=1)
-    x = random_batch(plain, 4, seed=1)
-    np.testing.assert_allclose(runner(x), IntegerNet(plain, spec)(torch.from_numpy(x)).numpy(), atol=1e-3)
+    x = random_batch(plain, 16, seed=1)
+    got, ref = runner(x), IntegerNet(plain, spec)(torch.from_numpy(x)).numpy()
+    assert (got.argmax(1) == ref.argmax(1)).all()
+    # The int8 pair runs, not the fp32 one it replaced: rows equal to float32 precision, but for one
+    # requantization step where a value lands on a rounding boundary (quant/emulate.py; measured on
+    # AVX2: 2 of 15 seeded specs, <= 5 of 20 logits).
+    exact = np.isclose(got, ref, rtol=0, atol=1e-4 * np.abs(ref).max()).all(axis=1)
+    assert exact.mean() >= 0.8, f"{(~exact).sum()} of {len(exact)} rows differ"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,3 +199,43 @@ def test_bad_load_options_and_input_are_one_line_user_errors(fp32, tmp_path):
         target.load(replace(fp32, path=tmp_path / "missing.xml"))
     with pytest.raises(UserError, match="NCHW"):
         target.load(fp32, threads=1)(np.zeros((16, 16), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# Process safety
+
+
+SIGNAL_AFTER_OPENVINO = """
+import gc, signal, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, "tests")
+from quant_helpers import tiny_plain
+from edgerepvgg.targets.openvino import OpenVINOTarget
+from edgerepvgg.device.runner import OpenVINOSession
+
+plain, out = tiny_plain(seed=0, size=16, classes=5), Path(sys.argv[1])
+target = OpenVINOTarget()
+assert target.available() is None
+art = target.compile(plain, None, out)
+first, second = target.load(art), target.load(art)
+sessions = [OpenVINOSession(str(art.path), 1), OpenVINOSession(str(art.path), 1)]
+target.metadata(art)
+del first; gc.collect(); del second; gc.collect()  # freed in the order they were made
+del sessions[0]; gc.collect(); sessions.clear(); gc.collect()
+signal.signal(signal.SIGCHLD, lambda *_: None)  # a Python handler, as torch's DataLoader installs
+for _ in range(3):
+    subprocess.run(["true"], check=True)  # each child's exit delivers SIGCHLD to this thread
+print("ok")
+"""
+
+
+def test_a_signal_after_runners_are_freed_does_not_crash_the_process(tmp_path):
+    """OpenVINO's CPU plugin gives the thread a new signal stack per Core and hands back an
+    unmapped one when Cores are freed in creation order: with one Core per process, a signal
+    delivered after runners (and device-runner sessions) are freed runs its handler."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AFTER_OPENVINO, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), (done.returncode, done.stderr[-2000:])

@@ -24,6 +24,7 @@ Exit codes: 0 done; 1 a bad bundle or a failed run; 2 the runtime is not install
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import importlib
 import json
@@ -125,12 +126,19 @@ class OnnxRuntimeSession:
         return self.session.run(None, {self.input_name: x})[0]
 
 
+@functools.lru_cache(maxsize=None)
+def openvino_core():
+    """One Core for the process: OpenVINO's CPU plugin swaps the thread's signal stack per Core and
+    can hand back an unmapped one when Cores are freed in creation order (a later signal crashes)."""
+    ov = import_runtime("openvino")
+    if not hasattr(ov, "Core"):  # OpenVINO before 2023.1 keeps the API in openvino.runtime
+        ov = importlib.import_module("openvino.runtime")
+    return ov.Core()
+
+
 class OpenVINOSession:
     def __init__(self, path, threads):
-        ov = import_runtime("openvino")
-        if not hasattr(ov, "Core"):  # OpenVINO before 2023.1 keeps the API in openvino.runtime
-            ov = importlib.import_module("openvino.runtime")
-        core = ov.Core()
+        core = openvino_core()
         config = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads

@@ -11,10 +11,16 @@ requantization ties: OpenVINO rescales in float32, the referee in float64.
 
 The IR carries the ONNX graph's ``edgerepvgg.*`` metadata in its ``rt_info`` (OpenVINO's ONNX
 reader drops ONNX metadata), so :meth:`OpenVINOTarget.metadata` reads it from ``model.xml``.
+
+Every OpenVINO call here goes through one ``ov.Core`` per process (:func:`core`): the CPU plugin
+gives the calling thread a new signal stack for each Core and, when Cores are freed in the order
+they were made, hands back one it has already unmapped; the next Python signal handler to run
+(Ctrl-C, a DataLoader's SIGCHLD) then crashes the process (measured: OpenVINO 2026.4, exit 139).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -45,6 +51,15 @@ _COMPUTE_TYPES = frozenset({"Convolution", "GroupConvolution", "FullyConnected",
 _HEAD_TYPES = frozenset({"FullyConnected", "MatMul"})
 _LAYER_NAME = re.compile(r"^(convs\.\d+|head)$")
 _RT_INFO = "edgerepvgg"  # rt_info section of the IR holding the ONNX graph's edgerepvgg.* metadata
+
+
+@functools.cache
+def core() -> Any:
+    """The process's one ``openvino.Core``, kept for the life of the process (see the module's
+    docstring: a Core freed in creation order leaves the thread a dead signal stack)."""
+    import openvino as ov
+
+    return ov.Core()
 
 
 def compile_config(threads: int | None, hint: str) -> dict[str, Any]:
@@ -128,10 +143,7 @@ def runtime_coverage(compiled) -> Coverage:
 
 def int8_coverage(model_path: str | Path, threads: int | None = None) -> Coverage:
     """Compile ``model_path`` (IR .xml or ONNX) for this CPU and report what runs in INT8."""
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(core.read_model(str(model_path)), DEVICE, compile_config(threads, "latency"))
+    compiled = core().compile_model(core().read_model(str(model_path)), DEVICE, compile_config(threads, "latency"))
     return runtime_coverage(compiled)
 
 
@@ -158,11 +170,8 @@ class OpenVINORunner:
     emulated: bool = False
 
     def __init__(self, xml: str | Path, threads: int | None = None, hint: str = "latency"):
-        import openvino as ov
-
         self.config = compile_config(threads, hint)
-        core = ov.Core()
-        self.compiled = core.compile_model(core.read_model(str(xml)), DEVICE, self.config)
+        self.compiled = core().compile_model(core().read_model(str(xml)), DEVICE, self.config)
         self.request = self.compiled.create_infer_request()
         self.output = self.compiled.output(0)
 
@@ -183,11 +192,11 @@ class OpenVINOTarget:
 
     def available(self) -> str | None:
         try:
-            import openvino as ov
+            import openvino  # noqa: F401
         except ImportError as exc:
             return f"openvino is not importable ({exc}); pip install 'edgerepvgg[openvino]'"
         try:
-            devices = ov.Core().available_devices
+            devices = core().available_devices
         except RuntimeError as exc:
             return f"OpenVINO cannot list its devices ({str(exc).splitlines()[0]}); reinstall openvino"
         if DEVICE not in devices:
@@ -241,9 +250,7 @@ class OpenVINOTarget:
 
     def metadata(self, artifact: Artifact) -> ArtifactMetadata:
         """The ONNX graph's ``edgerepvgg.*`` metadata, read from the IR's ``rt_info``."""
-        import openvino as ov
-
-        model = ov.Core().read_model(str(artifact.path))
+        model = core().read_model(str(artifact.path))
         props = {}
         if model.has_rt_info(_RT_INFO):
             props = {key: value.astype(str) for key, value in model.get_rt_info(_RT_INFO).astype(dict).items()}
