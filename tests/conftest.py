@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -32,6 +34,26 @@ def rand_bn():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Calibration statistics are cached under XDG_CACHE_HOME: keep tests out of the real one."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "xdg-cache"))
+
+
+def _seed_everything() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _seeded_module():
+    """Module-scoped fixtures (a module's shared spec, its compiled artifacts) draw from the same
+    random state whichever module ran before."""
+    _seed_everything()
+
+
+@pytest.fixture(autouse=True)
+def _seeded():
+    """Every test starts from the same random state (as pytest-randomly does): a test's draws must
+    not depend on which tests ran before it, or a full run and an isolated one test different inputs."""
+    _seed_everything()
 
 
 @pytest.fixture(autouse=True)
