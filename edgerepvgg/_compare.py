@@ -240,14 +240,19 @@ def compare(
     if not chosen and not results:
         raise UserError("no targets to compare; pass --targets (e.g. all) or --profiles FILE.toml")
     with claimed_output_dir(out_dir, "the comparison"):
-        return _compare(model, chosen, Path(out_dir), images, eval_set, train_model, calibration, spec, weight_bits, threads,
-                        eval_limit, strict, cache, progress, bundles, [Path(r) for r in results or ()], device, calib_limit,
-                        workers, qat, qat_data)  # fmt: skip
+        return _compare(model, chosen, Path(out_dir), images=images, eval_set=eval_set, train_model=train_model,
+                        calibration=calibration, spec=spec, weight_bits=weight_bits, threads=threads, eval_limit=eval_limit,
+                        strict=strict, cache=cache, progress=progress, bundles=bundles,
+                        results=[Path(r) for r in results or ()], device=device, calib_limit=calib_limit, workers=workers,
+                        qat=qat, qat_data=qat_data)  # fmt: skip
 
 
-def _compare(model, chosen: list[Profile], out_dir: Path, images, eval_set, train_model, calibration, spec, weight_bits,
-             threads, eval_limit, strict, cache, progress, bundles: bool, results: list[Path], device: str | None = None,
-             calib_limit=DEFAULT_CALIB_LIMIT, workers=None, qat=None, qat_data=None) -> Comparison:  # fmt: skip
+def _compare(model, chosen: list[Profile], out_dir: Path, *, images: Images, eval_set: Images,
+             train_model: torch.nn.Module | None, calibration: CalibrationConfig | str | None, spec: QuantSpec | str | Path | None,
+             weight_bits: int | None, threads: int | None, eval_limit: int | None, strict: bool, cache: bool | None,
+             progress: bool, bundles: bool, results: list[Path], device: str | None, calib_limit: int | None,
+             workers: int | None, qat: QATConfig | None, qat_data) -> Comparison:  # fmt: skip
+    """:func:`compare` once its profiles are resolved and its output folder claimed (keywords as there)."""
     plain, loaded_train_model = resolve_model(model)
     qat_sets = _qat_sets(plain, chosen, qat, qat_data)  # refused before any work
     train_model = train_model if train_model is not None else loaded_train_model
