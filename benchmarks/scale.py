@@ -58,6 +58,24 @@ print(sum(p.numel() for p in model.parameters()))
 """
 
 
+FLOOR = """
+import sys, time, torch
+from edgerepvgg.checkpoints import load_checkpoint
+from edgerepvgg._fuse import fuse
+from edgerepvgg.data import calibration_images
+model, meta = load_checkpoint(sys.argv[1])
+plain, _ = fuse(model, meta.input_spec, check=False)
+del model
+batches = [x for x, _ in calibration_images(plain.input_spec, sys.argv[2], limit=None).batches(64)]
+with torch.no_grad():
+    plain(batches[0][:1])  # warm-up: oneDNN picks its kernels
+    t0 = time.perf_counter()
+    for x in batches:
+        plain(x)
+print(f"{time.perf_counter() - t0:.2f}")
+"""
+
+
 def run_measured(name: str, cmd: list[str], env: dict[str, str]) -> dict[str, Any]:
     """Run ``cmd`` in its own process: wall seconds, peak RSS (MB, the child's own ``wait4`` rusage), exit status."""
     log.info("%s: %s", name, " ".join(cmd))
@@ -109,10 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         steps.append(run_measured(name, [py, "-m", "edgerepvgg.cli", "export", str(ckpt), "--target", target, "--precision", "int8",
                                          *common, "--no-eval", "--no-latency", "-o", str(work / f"export-{target}")], export_env))  # fmt: skip
     fp32_mb = ckpt.stat().st_size / 2**20
+    # The floor: plain FP32 inference of the fused net over the same images (forward passes only,
+    # timed inside the process). The statistics pass cannot beat it, so neither can the first export.
+    floor = subprocess.run([py, "-c", FLOOR, str(ckpt), str(work / "images")], env=env, capture_output=True, text=True)
+    floor_s = float(floor.stdout.split()[-1]) if floor.returncode == 0 else None
+    log.info("FP32 inference over the %d images: %s s", args.images, floor_s)
     pipeline = [s for s in steps if not s["step"].startswith("prepare")]
     result = {"machine": machine, "load_avg_end": list(os.getloadavg()), "variant": args.variant, "size": args.size,
               "images": args.images, "checkpoint_mb": round(fp32_mb, 1), "goal_peak_rss_mb": GOAL_RSS_MB,
               "goal_first_target_s": GOAL_FIRST_S, "peak_rss_mb": max(s["peak_rss_mb"] for s in pipeline),
+              "fp32_inference_s": floor_s,
               "command": " ".join(["PYTHONPATH=.:benchmarks python benchmarks/scale.py", *(sys.argv[1:] if argv is None else argv)]),
               "steps": steps}  # fmt: skip
     save_results(args.out, result, render(result))
@@ -123,18 +147,25 @@ def render(r: dict[str, Any]) -> str:
     m = r["machine"]
     lines = [f"# Scale: RepVGG-{r['variant']} at {r['size']}x{r['size']} ({m['date']})", "",
              f"- CPU: {m['cpu']} ({m['cores']} cores); torch {m.get('torch')}, onnxruntime {m.get('onnxruntime')}, "
-             f"openvino {m.get('openvino')}; load average {m['load_avg_start']} at the start, {r['load_avg_end']} at the end.",
-             "- **Shared machine**: other helpers' builds, tests and benchmarks ran on the same 2 cores and 23 GB during this "
-             "run, so the seconds are inflated by an unknown factor; peak RSS is per process and does not depend on load.",
+             f"openvino {m.get('openvino')}; load average (1, 5, 15 min) {_loads(m['load_avg_start'])} at the start, "
+             f"{_loads(r['load_avg_end'])} at the end (the benchmark itself keeps ~1-2 busy). Peak RSS is per process and "
+             "does not depend on load; seconds do.",
              f"- Random weights (seeded; official train-time layout, {r['checkpoint_mb']:.0f} MB .pth); {r['images']} generated "
              f"calibration images (PNG, seeded). Every step is its own process (`os.wait4` ru_maxrss); exports run with "
              "`--no-eval --no-latency`.",
              f"- Goals: peak RSS <= {r['goal_peak_rss_mb']} MB (this run: {r['peak_rss_mb']:.0f} MB); first target <= "
              f"{r['goal_first_target_s']:.0f} s.", ""]  # fmt: skip
     rows = [[s["step"], f"{s['seconds']:.1f}", f"{s['peak_rss_mb']:.0f}", "ok" if s["rc"] == 0 else f"failed ({s['rc']})"] for s in r["steps"]]
+    if r.get("fp32_inference_s") is not None:
+        rows.append([f"reference: FP32 inference of the fused net over the same {r['images']} images (forward passes only; "
+                     "the floor of any statistics pass)", f"{r['fp32_inference_s']:.1f}", "", ""])  # fmt: skip
     lines += md_table(["step", "seconds", "peak RSS (MB)", "status"], rows, "lrrl")
     lines += ["", f"Command: `{r['command']}`", ""]
     return "\n".join(lines)
+
+
+def _loads(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
 
 
 if __name__ == "__main__":
