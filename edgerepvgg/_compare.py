@@ -301,7 +301,7 @@ def _compare(model, chosen: list[Profile], out_dir: Path, *, images: Images, eva
             inputs_cache.append(torch.cat([x for x, _ in data.batches(256)]).numpy())
         return inputs_cache[0]
 
-    tuner = _QATRuns(plain, qat, qat_sets, data, fp32_refs, out_dir, cache) if qat_sets is not None else None
+    tuner = _QATRuns(plain, qat, qat_sets, data, fp32_refs, out_dir, cache, device) if qat_sets is not None else None
     extra = tuner.steps(chosen, weight_bits, spec) if tuner is not None else 0
     bar = tqdm(total=len(chosen) + extra, desc="compare", unit="step" if extra else "target", disable=not progress)
     for profile in _ticking(chosen, bar):
@@ -465,8 +465,9 @@ class _QATRuns:
     result and scored against the FP32 model before fine-tuning and the QAT spec's emulation."""
 
     def __init__(self, plain: PlainNet, config: QATConfig, sets, data: TensorDataset, fp32_refs: References, out_dir: Path,
-                 cache: bool | None):  # fmt: skip
+                 cache: bool | None, device: str | None = None):  # fmt: skip
         self.plain, self.config, self.data, self.fp32, self.out_dir, self.cache = plain, config, data, fp32_refs.fp32, out_dir, cache
+        self.device = device  # where the fine-tunes and their references run
         self.train_set, self.held_out = sets
         self.runs: dict[str, QATResult] = {}  # by the sha256 of the PTQ spec each started from
         self.refs: dict[str, References] = {}
@@ -498,10 +499,10 @@ class _QATRuns:
 
             bar.set_postfix_str(f"QAT for {name}")
             run = fine_tune(self.plain, ptq, self.train_set, self.held_out, self.config, self.out_dir / f"qat-{name}",
-                            cache=False if self.cache is False else None, on_epoch=tick)  # fmt: skip
+                            cache=False if self.cache is False else None, on_epoch=tick, device=self.device)  # fmt: skip
             bar.update(self.config.epochs - done[0])  # reused, or stopped early
             self.runs[ptq.sha256] = run
-            self.refs[ptq.sha256] = references(run.plain, run.spec, self.data, fp32=self.fp32)
+            self.refs[ptq.sha256] = references(run.plain, run.spec, self.data, fp32=self.fp32, device=self.device)
         return self.runs[ptq.sha256]
 
     def row(self, profile: Profile, ptq: QuantSpec, options: ExportOptions, arch_why: str, n_convs: int, bar) -> Row:

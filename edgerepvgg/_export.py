@@ -378,14 +378,16 @@ def qat_note(tuned: QATResult) -> str:
 
 
 def _fine_tuned(plain: PlainNet, spec: QuantSpec, origin: str, train_sets, config: QATConfig, data: TensorDataset | None,
-                refs: References | None, out_dir: Path, cache, progress: bool):  # fmt: skip
+                refs: References | None, out_dir: Path, cache, progress: bool, device: str | None = None):  # fmt: skip
     """``export --qat``: the QAT result (PlainNet, spec) that replaces the PTQ one, its origin in
-    words, references whose FP32 logits stay the model's before fine-tuning, and the run."""
+    words, references whose FP32 logits stay the model's before fine-tuning, and the run (all on
+    ``device``)."""
     train_set, held_out = train_sets
     tuned = fine_tune(plain, spec, train_set, held_out, config, out_dir / QAT_DIR, cache=False if cache is False else None,
-                      progress=progress)  # fmt: skip
+                      progress=progress, device=device)  # fmt: skip
     if refs is None and data is not None:
-        refs = references(tuned.plain, tuned.spec, data, fp32=predict(plain.eval(), data))
+        dev = resolve_device(device)
+        refs = references(tuned.plain, tuned.spec, data, fp32=predict(placed(plain.eval(), dev), data, device=dev), device=device)
     kind = "PTQ (QAT did not beat it)" if tuned.kept == "ptq" else f"QAT epoch {tuned.record['best_epoch']}"
     return tuned.plain, tuned.spec, f"{kind} of {config.epochs} epoch(s) from {origin or 'the PTQ spec'}", refs, tuned
 
@@ -457,7 +459,8 @@ def _export(model, target: Target, out_dir: Path, precision: str, spec, eval_set
     data = default_evaluation(plain, eval_set, images, options.eval_limit, options.workers)
     tuned = None
     if train_sets is not None:
-        plain, spec, origin, refs, tuned = _fine_tuned(plain, spec, origin, train_sets, qat, data, refs, out_dir, cache, progress)
+        plain, spec, origin, refs, tuned = _fine_tuned(plain, spec, origin, train_sets, qat, data, refs, out_dir, cache, progress,
+                                                       options.device)  # fmt: skip
     artifact: Artifact = compile_with_batch(target, plain, spec, out_dir, precision, options.fixed_batch)
     notes = list(artifact.info.get("notes", ()))
     if options.on_device:

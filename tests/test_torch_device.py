@@ -221,6 +221,29 @@ def test_qat_runs_on_the_device_in_float32(tmp_path, monkeypatch, device):
     assert (tmp_path / "quant_spec.json").is_file() and fine_spec.model_hash != spec.model_hash
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=CUDA)])
+def test_export_and_compare_fine_tune_on_the_device_they_are_given(tmp_path, monkeypatch, device):
+    """--device reaches the QAT inside the pipeline (export --qat, compare --qat), not only the
+    calibration and the references around it."""
+    import edgerepvgg.quant.qat as qat_module
+    from edgerepvgg import compare, export
+    from edgerepvgg._export import ExportOptions
+    from edgerepvgg.profiles import Profile
+    from edgerepvgg.quant.qat import QATConfig
+
+    seen, real = [], qat_module.qat
+    monkeypatch.setattr(qat_module, "qat", lambda *a, **k: seen.append(k.get("device")) or real(*a, **k))
+    plain = tiny_plain(size=16, classes=5)
+    train_set, held_out, data = self_labelled(plain, 64, seed=1), self_labelled(plain, 32, seed=2), self_labelled(plain, 32, seed=5)
+    config = QATConfig(epochs=1, batch_size=32, crop_padding=0, stats_images=32)
+    report = export(plain, "onnxruntime", tmp_path / "e", "int8", images=data, eval_set=data, calibration="minmax", cache=False,
+                    options=ExportOptions(threads=1, latency=False, device=device), qat=config, qat_data=(train_set, held_out))  # fmt: skip
+    result = compare(plain, [Profile("ort", "onnxruntime", "int8", threads=1)], tmp_path / "c", data, data, calibration="minmax",
+                     threads=1, progress=False, cache=False, device=device, qat=config, qat_data=(train_set, held_out))  # fmt: skip
+    assert seen == [device, device]
+    assert report.quant["qat"]["kept"] in ("qat", "ptq") and {r.name for r in result.rows} >= {"ort", "ort-qat"}
+
+
 # ---------------------------------------------------------------------------------------------
 # Calibration and references on the device
 

@@ -644,11 +644,13 @@ def fine_tune(
     cache: Path | None | bool = None,
     progress: bool = False,
     on_epoch: Callable[[dict], None] | None = None,
+    device: str | torch.device | None = None,
 ) -> QATResult:
     """QAT as ``export --qat`` and ``compare --qat`` run it, from ``spec``: a finished run of the
     same :func:`qat_key` is reused from the cache (``cache=None``: the user cache directory; a
-    Path: that folder), else :func:`qat` runs there; ``cache=False`` runs in ``folder`` and
-    reuses nothing. The run's optimizer state is deleted once it has finished."""
+    Path: that folder), else :func:`qat` runs there, on ``device``; ``cache=False`` runs in
+    ``folder`` and reuses nothing. The run's optimizer state is deleted once it has finished.
+    The key leaves the device out: a run made on a GPU serves a later one on the CPU."""
     key = qat_key(plain, spec, train_set, eval_set, config)
     if cache is False:
         if folder is None:
@@ -664,6 +666,7 @@ def fine_tune(
             except (UserError, ValueError, KeyError, OSError) as exc:  # a damaged entry is run again
                 log.warning("ignoring the damaged QAT run in %s (%s)", where, exc)
                 shutil.rmtree(where, ignore_errors=True)
-    fine, fine_spec, metrics = qat(plain, spec, train_set, eval_set, config, where, progress=progress, on_epoch=on_epoch)
+    fine, fine_spec, metrics = qat(plain, spec, train_set, eval_set, config, where, progress=progress, device=device,
+                                   on_epoch=on_epoch)  # fmt: skip
     (where / STATE_FILE).unlink(missing_ok=True)
     return QATResult(fine, fine_spec, json.loads(Path(metrics["record_file"]).read_text()), where, reused=False)
