@@ -120,9 +120,9 @@ def render(result: dict[str, Any]) -> str:
     lines = [f"# Calibration cost ({m['date']})", "",
              f"- CPU: {m['cpu']} ({m['cores']} cores), torch {m['torch']}, threads {m['threads']}; load average "
              f"{m['load_avg_start']} at the start, {result['load_avg_end']} at the end.",
-             "- **Shared machine**: other helpers' builds, tests and benchmarks ran on the same 2 cores during this run, "
-             "so absolute seconds are noisy; the ratios come from passes interleaved in rotating order, "
-             "per round (median and range over rounds) and from the fastest pass of each kind.",
+             "- Absolute seconds move with the machine's load (the 1-min load average decays over minutes, so it also "
+             "shows a run that ended just before); the ratios come from passes interleaved in rotating order, per round "
+             "(median and range over rounds) and from the fastest pass of each kind.",
              f"- Statistics pass = `collect_stats` (model hash, image hash, every activation point histogrammed), batch {BATCH}; "
              "'before' = the same pass with the reference binning every histogram took before the float32 path. "
              "Histograms identical in both: " + ", ".join(str(r["histograms_identical"]) for r in result["models"]) + ".",
