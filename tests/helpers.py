@@ -35,10 +35,11 @@ def synthetic_images(n: int, classes: int = 10, seed: int = 0) -> tuple[np.ndarr
     return np.clip(images, 0, 255).astype(np.uint8), labels.astype(np.uint8)
 
 
-def write_fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 64) -> Path:
+def write_fake_fashion_mnist(root: Path, n_train: int = 256, n_test: int = 64, classes: int = 10) -> Path:
+    """Fashion-MNIST's four IDX files in ``root``, holding :func:`synthetic_images` (seeds 0 and 1)."""
     root.mkdir(parents=True, exist_ok=True)
     for prefix, n, seed in (("train", n_train, 0), ("t10k", n_test, 1)):
-        images, labels = synthetic_images(n, seed=seed)
+        images, labels = synthetic_images(n, classes=classes, seed=seed)
         write_idx(root / f"{prefix}-images-idx3-ubyte", images)
         write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
     return root

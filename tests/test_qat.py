@@ -31,7 +31,7 @@ from edgerepvgg.quant.qat import (
 )  # fmt: skip
 from edgerepvgg.train import STATE_FILE, Dist, TrainConfig, train
 
-from helpers import synthetic_images, write_idx
+from helpers import synthetic_images, write_fake_fashion_mnist
 from quant_helpers import self_labelled, tiny_plain
 
 SPEC16 = InputSpec(size=16, resize=16, channels=1, mean=(0.5,), std=(0.5,))
@@ -131,12 +131,7 @@ def test_qat_that_hurts_writes_the_ptq_result_and_says_so(trained, tmp_path, cap
     assert meta.extra["qat"]["kept"] == "ptq"
     assert top1(IntegerNet(fine, fine_spec), eval_set) == 1.0
     # The CLI: exit 0 (the user asked for the best INT8 model), one warning line, the result named.
-    data = tmp_path / "data"
-    data.mkdir()
-    for prefix, n, seed in (("train", 64, 0), ("t10k", 64, 1)):
-        images, labels = synthetic_images(n, classes=5, seed=seed)
-        write_idx(data / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
+    data = write_fake_fashion_mnist(tmp_path / "data", n_train=64, n_test=64, classes=5)
     args = ["qat", str(ckpt), "--data", str(data), "--epochs", "1", "--lr", "0.5", "--batch-size", "32", "--distill-alpha", "0",
             "--method", "minmax", "--no-cache", "--threads", "1", "--out", str(tmp_path / "cli")]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
@@ -492,12 +487,7 @@ def test_torchrun_two_processes_match_one(trained, tmp_path):
     from edgerepvgg.cli import main
 
     _, ckpt, _, _ = trained
-    data = tmp_path / "data"
-    data.mkdir()
-    for prefix, n, seed in (("train", 64, 0), ("t10k", 32, 1)):
-        images, labels = synthetic_images(n, classes=5, seed=seed)
-        write_idx(data / f"{prefix}-images-idx3-ubyte", images)
-        write_idx(data / f"{prefix}-labels-idx1-ubyte", labels)
+    data = write_fake_fashion_mnist(tmp_path / "data", n_train=64, n_test=32, classes=5)
     # Two epochs with --patience 1: PTQ is at 100% here, so no epoch can beat it and both runs stop
     # after the first; rank 0 decides and rank 1 must stop with it (or the job would hang).
     args = ["qat", str(ckpt), "--data", str(data), "--epochs", "2", "--patience", "1", "--batch-size", "32", "--optimizer", "sgd",
