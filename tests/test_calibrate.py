@@ -62,6 +62,25 @@ def test_methods_and_constraint_sets_from_one_pass_are_deterministic(tmp_path):
         assert a == b, (name, method)
 
 
+def test_the_spec_does_not_depend_on_how_many_threads_search_the_ranges():
+    """make_spec searches the activation points concurrently, one thread per core; the result is the
+    serial one, byte for byte, as is a minmax weight scale taken without a float64 copy."""
+    plain = tiny_plain()
+    stats = cal.collect_stats(plain, images(plain), progress=False)
+    before = torch.get_num_threads()
+    try:
+        specs = []
+        for threads in (1, 3):
+            torch.set_num_threads(threads)
+            specs.append(make_spec(plain, stats, CONSTRAINT_SETS["openvino"], "mse").to_json())
+    finally:
+        torch.set_num_threads(before)
+    assert specs[0] == specs[1]
+    w = plain.convs[3].weight.detach()
+    reference = (w.double().abs().reshape(w.shape[0], -1).amax(dim=1) / 127).float()
+    assert torch.equal(cal.weight_scales(w, CONSTRAINT_SETS["tensorrt"].weight, "minmax"), reference)
+
+
 def test_per_tensor_weights_share_one_scale_per_layer():
     plain = tiny_plain()
     stats = cal.collect_stats(plain, images(plain), progress=False)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,13 +175,16 @@ def make_spec(plain: PlainNet, stats: CalibrationStats, constraints: Constraints
     if stats.model_hash != model_hash(plain):
         raise UserError("these calibration statistics were collected on another model; recalibrate")
     act = constraints.activation
+    # Each point's range is searched on its own histogram (independent, pure numpy, which frees the
+    # GIL in its loops): one thread per core. RepVGG-B3's 31 MSE searches: see benchmarks/results/scale.md.
+    points = [*plain.layer_names()[1:], "pool", *(["output"] if constraints.int_output else [])]
+    search = lambda point: activation_range(stats.histograms[point], config.method, act, config.percentile)  # noqa: E731
+    with ThreadPoolExecutor(max_workers=max(1, min(len(points), torch.get_num_threads()))) as pool:
+        ranges = dict(zip(points, pool.map(search, points)))
+    ranges["convs.0"] = input_range(plain.input_spec)  # the network input: normalized 8-bit pixels, whose range is known
 
     def act_quant(point: str) -> TensorQuant:
-        if point == "convs.0":  # the network input: normalized 8-bit pixels, whose range is known
-            lo, hi = input_range(plain.input_spec)
-        else:
-            lo, hi = activation_range(stats.histograms[point], config.method, act, config.percentile)
-        return _tensor_quant(lo, hi, act)
+        return _tensor_quant(*ranges[point], act)
 
     layers = []
     for i, (name, module) in enumerate(zip(plain.layer_names(), [*plain.convs, plain.head])):
